@@ -1,0 +1,1 @@
+"""rwkv-jax: RWKV language models in JAX/Flax NNX."""

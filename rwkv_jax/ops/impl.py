@@ -1,0 +1,69 @@
+"""The one switch that picks a WKV implementation.
+
+Every recurrence module (`wkv4`, `wkv6`, `wkv7`) exposes several forms behind one
+signature; :class:`WkvImpl` names them and :func:`resolve_impl` turns ``AUTO`` into a
+concrete form for the current backend. Models pass the enum through and never branch on
+it themselves.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import jax
+
+
+class WkvImpl(str, enum.Enum):
+    """Which form of the WKV recurrence to run.
+
+    AUTO: chosen by platform in :func:`resolve_impl`.
+    SCAN: ``lax.scan`` over the per-token step (the oracle; fastest on CPU).
+    ASSOCIATIVE: ``lax.associative_scan`` (parallel over time; fast on GPU/TPU for RWKV-4).
+    CHUNKED: intra-chunk matmuls plus a scan over chunks (matrix-state versions).
+    PALLAS: fused kernel (GPU/TPU), where one exists.
+    """
+
+    AUTO = "auto"
+    SCAN = "scan"
+    ASSOCIATIVE = "associative"
+    CHUNKED = "chunked"
+    PALLAS = "pallas"
+
+    @classmethod
+    def parse(cls, value: "WkvImpl | str") -> "WkvImpl":
+        """Accept an enum member or its string value; anything else raises ValueError."""
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).lower())
+        except ValueError:
+            valid = ", ".join(m.value for m in cls)
+            raise ValueError(f"unknown WKV implementation {value!r}; valid: {valid}") from None
+
+
+# Per-version default for AUTO, by platform. RWKV-4 (per-channel state): lax.scan measured
+# 2.5x faster than the associative form on CPU; associative 30x faster than lax.scan on an H100.
+# Matrix-state versions (5/6/7): the chunked form does the work as matmuls everywhere.
+_AUTO_TABLE = {
+    "wkv4": {"cpu": WkvImpl.SCAN, "gpu": WkvImpl.ASSOCIATIVE, "tpu": WkvImpl.ASSOCIATIVE},
+    "wkv6": {"cpu": WkvImpl.CHUNKED, "gpu": WkvImpl.CHUNKED, "tpu": WkvImpl.CHUNKED},
+    "wkv7": {"cpu": WkvImpl.CHUNKED, "gpu": WkvImpl.CHUNKED, "tpu": WkvImpl.CHUNKED},
+}
+
+
+def resolve_impl(impl: "WkvImpl | str", op: str, supported: tuple[WkvImpl, ...],
+                 platform: str | None = None) -> WkvImpl:
+    """Resolve ``impl`` for recurrence ``op`` ("wkv4", "wkv6", "wkv7").
+
+    AUTO maps through the platform table (``platform`` defaults to JAX's default backend);
+    a concrete value must be in ``supported`` or a ValueError names the valid ones.
+    """
+    impl = WkvImpl.parse(impl)
+    if impl is WkvImpl.AUTO:
+        platform = platform or jax.default_backend()
+        table = _AUTO_TABLE[op]
+        impl = table.get(platform, table["cpu"])
+    if impl not in supported:
+        valid = ", ".join(m.value for m in supported)
+        raise ValueError(f"{op} has no {impl.value!r} form; valid: auto, {valid}")
+    return impl

@@ -1,0 +1,152 @@
+"""RWKV-4 WKV: every form of the per-channel recurrence, side by side, one signature.
+
+Legend (shapes): B batch, T time, C channels.
+  w  [C]        log decay per step, ``w = -exp(time_decay) < 0`` (official ``W``)
+  u  [C]        bonus for the current token, in log space (``time_first``)
+  k  [B, T, C]  keys (enter as ``e^k``);  v [B, T, C] values
+  state         :class:`Wkv4State` ``(aa, bb, pp)``, each [B, C] float32, with
+                numerator ``a = aa·e^pp`` and denominator ``b = bb·e^pp``
+
+Output at step t (reference §2.1)::
+
+    wkv_t = (a_{t-1} + e^{u+k_t} v_t) / (b_{t-1} + e^{u+k_t})
+    a_t = e^w a_{t-1} + e^{k_t} v_t ;   b_t = e^w b_{t-1} + e^{k_t}
+
+All forms take ``(w, u, k, v, state=None)`` and return ``(y [B, T, C], final_state)``;
+``state=None`` means the empty state (aa = bb = 0, pp = -1e38). Accumulation is fp32
+whatever the input dtype; ``y`` is returned in the dtype of ``v``. A sequence can be split
+anywhere: running the prefix and feeding its final state to the rest equals one call.
+
+Forms:
+  * :func:`wkv4_step`         one token, the official stable (aa, bb, pp) update;
+  * :func:`wkv4_scan`         ``lax.scan`` of the step (oracle; the fast form on CPU);
+  * :func:`wkv4_associative`  log-space ``lax.associative_scan`` with a running max
+                              (parallel over T; the fast form on GPU/TPU);
+  * :func:`wkv4`              dispatch through :class:`~rwkv_jax.ops.impl.WkvImpl`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rwkv_jax.ops.impl import WkvImpl, resolve_impl
+
+# Empty-state running max, as in the official CUDA kernel (MIN_VALUE). Finite so that
+# differences such as ``pp - q`` never become ``-inf - -inf = nan``.
+PP_EMPTY = -1e38
+
+SUPPORTED = (WkvImpl.SCAN, WkvImpl.ASSOCIATIVE)
+
+
+class Wkv4State(NamedTuple):
+    """Carried WKV-4 state, each field [B, C] float32 (official pip layout: aa, bb, pp)."""
+
+    aa: jax.Array
+    bb: jax.Array
+    pp: jax.Array
+
+    @classmethod
+    def zeros(cls, batch_size: int, channels: int) -> "Wkv4State":
+        """The empty state: nothing seen yet."""
+        z = jnp.zeros((batch_size, channels), jnp.float32)
+        return cls(z, z, jnp.full((batch_size, channels), PP_EMPTY, jnp.float32))
+
+
+def _prepare(w, u, k, v, state):
+    B, _, C = k.shape
+    if state is None:
+        state = Wkv4State.zeros(B, C)
+    state = Wkv4State(*(jnp.asarray(s, jnp.float32) for s in state))
+    return (jnp.asarray(w, jnp.float32), jnp.asarray(u, jnp.float32),
+            k.astype(jnp.float32), v.astype(jnp.float32), state)
+
+
+def _output(u, k_t, v_t, aa, bb, pp):
+    """wkv_t from the state before token t, stabilised by the running max ``q``."""
+    q = jnp.maximum(pp, u + k_t)
+    e1 = jnp.exp(pp - q)
+    e2 = jnp.exp(u + k_t - q)
+    return (e1 * aa + e2 * v_t) / (e1 * bb + e2)
+
+
+def wkv4_step(w: jax.Array, u: jax.Array, k_t: jax.Array, v_t: jax.Array,
+              state: Wkv4State) -> tuple[jax.Array, Wkv4State]:
+    """One token. ``k_t, v_t``: [B, C] float32; ``state`` fields [B, C] float32.
+
+    Returns ``(y_t [B, C] float32, new_state)`` using the official update.
+    """
+    aa, bb, pp = state
+    y = _output(u, k_t, v_t, aa, bb, pp)
+    q = jnp.maximum(pp + w, k_t)
+    e1 = jnp.exp(pp + w - q)
+    e2 = jnp.exp(k_t - q)
+    return y, Wkv4State(e1 * aa + e2 * v_t, e1 * bb + e2, q)
+
+
+def wkv4_scan(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
+              state: Wkv4State | None = None) -> tuple[jax.Array, Wkv4State]:
+    """Sequential form: ``lax.scan`` of :func:`wkv4_step` over T. Shapes as the module legend."""
+    out_dtype = v.dtype
+    w, u, k, v, state = _prepare(w, u, k, v, state)
+
+    def body(carry, kv_t):
+        y_t, carry = wkv4_step(w, u, kv_t[0], kv_t[1], carry)
+        return carry, y_t
+
+    kv = (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1))  # time-major [T, B, C]
+    state, y = jax.lax.scan(body, state, kv)
+    return jnp.swapaxes(y, 0, 1).astype(out_dtype), state
+
+
+def _combine(w):
+    """Associative operator on segments ``(n, p, a, b)``: n tokens, values a·e^p, b·e^p.
+
+    Left segment first: its contents decay by ``w·n2`` across the right segment.
+    """
+
+    def op(left, right):
+        n1, p1, a1, b1 = left
+        n2, p2, a2, b2 = right
+        p1d = p1 + w * n2
+        m = jnp.maximum(p1d, p2)
+        e1 = jnp.exp(p1d - m)
+        e2 = jnp.exp(p2 - m)
+        return n1 + n2, m, e1 * a1 + e2 * a2, e1 * b1 + e2 * b2
+
+    return op
+
+
+def wkv4_associative(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
+                     state: Wkv4State | None = None) -> tuple[jax.Array, Wkv4State]:
+    """Parallel form: inclusive log-space ``lax.associative_scan`` over T.
+
+    Token i is the segment ``(1, k_i, v_i, 1)``; the scan gives the state after each token
+    without the initial state, which is then folded in on the left (it decays by ``w·t``).
+    The state before token t (shifted by one) feeds the bonus output of :func:`wkv4_step`.
+    """
+    out_dtype = v.dtype
+    w, u, k, v, (aa0, bb0, pp0) = _prepare(w, u, k, v, state)
+    B, T, C = k.shape
+    n = jnp.broadcast_to(jnp.arange(1, T + 1, dtype=jnp.float32)[None, :, None], (B, T, C))
+    ones = jnp.ones_like(k)
+    _, p, a, b = jax.lax.associative_scan(_combine(w), (ones, k, v, ones), axis=1)
+    # fold the initial state in on the left: (0, pp0, aa0, bb0) ⊕ (n_t, p_t, a_t, b_t)
+    _, p, a, b = _combine(w)((0.0, pp0[:, None], aa0[:, None], bb0[:, None]), (n, p, a, b))
+    # state before token t: the initial state for t = 0, else the scan result at t - 1
+    prev = [jnp.concatenate([s0[:, None], s[:, :-1]], axis=1)
+            for s0, s in ((aa0, a), (bb0, b), (pp0, p))]
+    y = _output(u, k, v, *prev)
+    return y.astype(out_dtype), Wkv4State(a[:, -1], b[:, -1], p[:, -1])
+
+
+_FORMS = {WkvImpl.SCAN: wkv4_scan, WkvImpl.ASSOCIATIVE: wkv4_associative}
+
+
+def wkv4(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
+         state: Wkv4State | None = None, *,
+         impl: WkvImpl | str = WkvImpl.AUTO) -> tuple[jax.Array, Wkv4State]:
+    """RWKV-4 WKV through the form ``impl`` names (AUTO: by platform). See module docstring."""
+    return _FORMS[resolve_impl(impl, "wkv4", SUPPORTED)](w, u, k, v, state)
