@@ -60,8 +60,10 @@ def _prepare(w, u, k, v, state):
     if state is None:
         state = Wkv4State.zeros(B, C)
     state = Wkv4State(*(jnp.asarray(s, jnp.float32) for s in state))
-    return (jnp.asarray(w, jnp.float32), jnp.asarray(u, jnp.float32),
-            k.astype(jnp.float32), v.astype(jnp.float32), state)
+    # w, u: [C] -> [B, C], explicit so the ops also run under rank_promotion="raise"
+    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (B, C))
+    u = jnp.broadcast_to(jnp.asarray(u, jnp.float32), (B, C))
+    return w, u, k.astype(jnp.float32), v.astype(jnp.float32), state
 
 
 def _output(u, k_t, v_t, aa, bb, pp):
@@ -81,7 +83,7 @@ def wkv4_step(w: jax.Array, u: jax.Array, k_t: jax.Array, v_t: jax.Array,
     aa, bb, pp = state
     y = _output(u, k_t, v_t, aa, bb, pp)
     q = jnp.maximum(pp + w, k_t)
-    e1 = jnp.exp(pp + w - q)
+    e1 = jnp.exp((pp - q) + w)  # not pp + w - q: q may round pp + w off when |w| << ulp(pp)
     e2 = jnp.exp(k_t - q)
     return y, Wkv4State(e1 * aa + e2 * v_t, e1 * bb + e2, q)
 
@@ -132,6 +134,7 @@ def wkv4_associative(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
     B, T, C = k.shape
     n = jnp.broadcast_to(jnp.arange(1, T + 1, dtype=jnp.float32)[None, :, None], (B, T, C))
     ones = jnp.ones_like(k)
+    w, u = w[:, None], u[:, None]  # [B, 1, C]
     _, p, a, b = jax.lax.associative_scan(_combine(w), (ones, k, v, ones), axis=1)
     # fold the initial state in on the left: (0, pp0, aa0, bb0) ⊕ (n_t, p_t, a_t, b_t)
     _, p, a, b = _combine(w)((0.0, pp0[:, None], aa0[:, None], bb0[:, None]), (n, p, a, b))

@@ -1,0 +1,251 @@
+"""Checkpoints in and out: official ``.pth`` (read without torch), ``.safetensors``
+(official or Hugging Face names) and run directories.
+
+The model's NNX parameter paths are the official keys, so conversion is a table of
+renames (Hugging Face <-> official) plus a check that collects every mismatch (unknown,
+missing, wrong shape) into one :class:`CheckpointError`. The whole config is inferred from
+the tensor shapes; what shapes cannot tell (``ln_x_eps``, dtypes, WKV form) comes from
+keyword overrides.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import re
+import struct
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from rwkv_jax.config import ConfigError, RWKVConfig
+from rwkv_jax.io.pth import CheckpointError, read_pth, write_pth
+from rwkv_jax.model.lm import RWKV
+
+__all__ = ["CheckpointError", "load", "save", "read_tensors", "infer_config",
+           "model_from_tensors", "model_tensors", "to_official_names", "to_hf_names"]
+
+PathLike = str | os.PathLike
+
+# ---- names -------------------------------------------------------------------------------
+# Hugging Face transformers RwkvForCausalLM (RWKV-4) <-> official, per dotted key
+# (reference §2.3: everything but head.weight gains the "rwkv." prefix).
+_HF_RWKV4 = [
+    (r"^emb\.", "rwkv.embeddings."),
+    (r"^blocks\.0\.ln0\.", "rwkv.blocks.0.pre_ln."),
+    (r"^blocks\.(\d+)\.att\.time_mix_k$", r"rwkv.blocks.\1.attention.time_mix_key"),
+    (r"^blocks\.(\d+)\.att\.time_mix_v$", r"rwkv.blocks.\1.attention.time_mix_value"),
+    (r"^blocks\.(\d+)\.att\.time_mix_r$", r"rwkv.blocks.\1.attention.time_mix_receptance"),
+    (r"^blocks\.(\d+)\.ffn\.time_mix_k$", r"rwkv.blocks.\1.feed_forward.time_mix_key"),
+    (r"^blocks\.(\d+)\.ffn\.time_mix_r$", r"rwkv.blocks.\1.feed_forward.time_mix_receptance"),
+    (r"^blocks\.(\d+)\.att\.", r"rwkv.blocks.\1.attention."),
+    (r"^blocks\.(\d+)\.ffn\.", r"rwkv.blocks.\1.feed_forward."),
+    (r"^blocks\.", "rwkv.blocks."),
+    (r"^ln_out\.", "rwkv.ln_out."),
+]
+_HF_RWKV4_BACK = [
+    (r"^rwkv\.embeddings\.", "emb."),
+    (r"^rwkv\.blocks\.0\.pre_ln\.", "blocks.0.ln0."),
+    (r"^rwkv\.blocks\.(\d+)\.attention\.time_mix_key$", r"blocks.\1.att.time_mix_k"),
+    (r"^rwkv\.blocks\.(\d+)\.attention\.time_mix_value$", r"blocks.\1.att.time_mix_v"),
+    (r"^rwkv\.blocks\.(\d+)\.attention\.time_mix_receptance$", r"blocks.\1.att.time_mix_r"),
+    (r"^rwkv\.blocks\.(\d+)\.feed_forward\.time_mix_key$", r"blocks.\1.ffn.time_mix_k"),
+    (r"^rwkv\.blocks\.(\d+)\.feed_forward\.time_mix_receptance$", r"blocks.\1.ffn.time_mix_r"),
+    (r"^rwkv\.blocks\.(\d+)\.attention\.", r"blocks.\1.att."),
+    (r"^rwkv\.blocks\.(\d+)\.feed_forward\.", r"blocks.\1.ffn."),
+    (r"^rwkv\.blocks\.", "blocks."),
+    (r"^rwkv\.ln_out\.", "ln_out."),
+]
+
+
+def _rename(key: str, table) -> str:
+    for pattern, repl in table:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+def to_official_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Rename Hugging Face keys to the official ones; official keys pass unchanged."""
+    if not any(k.startswith("rwkv.") for k in tensors):
+        return dict(tensors)
+    return {_rename(k, _HF_RWKV4_BACK): v for k, v in tensors.items()}
+
+
+def to_hf_names(tensors: Mapping[str, Any], version: str) -> dict[str, Any]:
+    """Rename official keys to Hugging Face transformers' names (RWKV-4 only)."""
+    if version != "4":
+        raise CheckpointError(f"Hugging Face names are defined for RWKV-4 only, not {version}")
+    return {_rename(k, _HF_RWKV4): v for k, v in tensors.items()}
+
+
+# ---- reading -----------------------------------------------------------------------------
+def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
+
+
+def _looks_like_safetensors(head: bytes) -> bool:
+    if len(head) < 9:
+        return False
+    (n,) = struct.unpack("<Q", head[:8])
+    return 2 <= n < (1 << 30) and head[8:9] == b"{"
+
+
+def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a checkpoint as numpy arrays, by content (not by file suffix).
+
+    Accepts an official/torch ``.pth`` (zip), a ``.safetensors`` file, or a directory
+    holding ``model.safetensors`` (a run directory). Raises :class:`CheckpointError`.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir():
+        for name in ("model.safetensors", "model.pth"):
+            if (path / name).exists():
+                return read_tensors(path / name)
+        raise CheckpointError(f"{path}: directory holds no model.safetensors or model.pth")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return read_pth(path)
+    if _looks_like_safetensors(head):
+        return _read_safetensors(path)
+    if not head:
+        raise CheckpointError(f"{path}: file is empty")
+    raise CheckpointError(f"{path}: not an RWKV checkpoint (neither a zip-format .pth nor "
+                          f".safetensors; first bytes {head[:8]!r})")
+
+
+# ---- config inference --------------------------------------------------------------------
+def detect_version(tensors: Mapping[str, Any]) -> str:
+    """The RWKV version from the keys (the rules of the official ``rwkv`` package)."""
+    keys = set(tensors)
+    if "emb.weight" not in keys:
+        sample = ", ".join(sorted(keys)[:8])
+        raise CheckpointError(f"not an RWKV checkpoint: no 'emb.weight' (keys: {sample}"
+                              f"{', ...' if len(keys) > 8 else ''})")
+    if "blocks.0.att.r_k" in keys or "blocks.0.att.x_r" in keys:
+        return "7"
+    if "blocks.0.att.time_maa_x" in keys:
+        return "6"
+    if "blocks.0.att.ln_x.weight" in keys:
+        td = tensors.get("blocks.0.att.time_decay")
+        if td is not None and len(td.shape) == 2 and td.shape[1] > 1:
+            return "5.2"
+        return "5.1"
+    return "4"
+
+
+def infer_config(tensors: Mapping[str, Any], **overrides: Any) -> RWKVConfig:
+    """Infer a full :class:`RWKVConfig` from official-named tensors, then apply overrides."""
+    version = detect_version(tensors)
+    V, C = tensors["emb.weight"].shape
+    layers = {int(m.group(1)) for k in tensors if (m := re.match(r"blocks\.(\d+)\.", k))}
+    if not layers:
+        raise CheckpointError("not an RWKV checkpoint: no 'blocks.N.*' tensors")
+    fields: dict[str, Any] = dict(version=version, vocab_size=int(V), n_embd=int(C),
+                                  n_layer=max(layers) + 1)
+    ffn_key = tensors.get("blocks.0.ffn.key.weight")
+    if ffn_key is not None:
+        fields["ffn_dim"] = int(ffn_key.shape[0])
+    try:
+        return RWKVConfig(**fields).replace(**overrides)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot build a config from this checkpoint: {e}") from None
+
+
+# ---- tensors <-> model -------------------------------------------------------------------
+def _key(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def model_tensors(model: RWKV) -> dict[str, np.ndarray]:
+    """The model's parameters as numpy arrays under their official keys."""
+    flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    return {_key(path): np.asarray(var[...]) for path, var in flat}
+
+
+def model_from_tensors(tensors: Mapping[str, Any], **overrides: Any) -> RWKV:
+    """Build a model from official- or HF-named tensors; config inferred from shapes.
+
+    Every unknown, missing or wrongly shaped key is collected into one CheckpointError.
+    """
+    tensors = to_official_names(tensors)
+    cfg = infer_config(tensors, **overrides)
+    abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    expected = {_key(p): v for p, v in nnx.to_flat_state(params)}
+    problems = []
+    unknown = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    if unknown:
+        problems.append(f"unknown keys: {', '.join(unknown)}")
+    if missing:
+        problems.append(f"missing keys: {', '.join(missing)}")
+    for k in sorted(set(expected) & set(tensors)):
+        want, got = tuple(expected[k].get_value().shape), tuple(tensors[k].shape)
+        if want != got:
+            problems.append(f"{k}: shape {got}, expected {want}")
+    if problems:
+        raise CheckpointError(f"checkpoint does not match an RWKV-{cfg.version} model "
+                              f"(L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}):\n  "
+                              + "\n  ".join(problems))
+    pd = cfg.param_jnp_dtype
+    for path, var in nnx.to_flat_state(params):
+        var.set_value(jnp.asarray(np.asarray(tensors[_key(path)]), dtype=pd))
+    return nnx.merge(graphdef, params, rest)
+
+
+def load(path: PathLike, **overrides: Any) -> RWKV:
+    """Load an official ``.pth``, a ``.safetensors`` (official or HF names) or a run directory.
+
+    ``overrides`` set config fields that shapes cannot tell, e.g. ``ln_x_eps=1e-5``,
+    ``compute_dtype="bfloat16"``, ``wkv_impl="associative"``. Unknown names raise.
+    """
+    path = pathlib.Path(path)
+    if path.is_dir() and (path / "config.json").exists() and "version" not in overrides:
+        saved = json.loads((path / "config.json").read_text())
+        keep = ("ln_x_eps", "ln_eps", "head_size", "chunk_size")
+        overrides = {**{k: saved[k] for k in keep if k in saved}, **overrides}
+    tensors = read_tensors(path)
+    try:
+        return model_from_tensors(tensors, **overrides)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def save(model: RWKV, path: PathLike, *, names: str = "official") -> pathlib.Path:
+    """Write the model's parameters to ``path``: ``.safetensors`` or ``.pth`` by suffix.
+
+    ``names``: "official" (BlinkDL keys; what the official ``rwkv`` package loads) or "hf"
+    (Hugging Face transformers keys, RWKV-4 ``.safetensors`` only).
+    """
+    path = pathlib.Path(path)
+    tensors = model_tensors(model)
+    if names == "hf":
+        tensors = to_hf_names(tensors, model.config.version)
+    elif names != "official":
+        raise ValueError(f"names must be 'official' or 'hf', got {names!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import save_file
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                  metadata={"format": "pt", "rwkv_version": model.config.version})
+    elif path.suffix == ".pth":
+        write_pth(tensors, tmp)
+    else:
+        raise ValueError(f"{path}: unknown checkpoint suffix (use .safetensors or .pth)")
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
+    return path

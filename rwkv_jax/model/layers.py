@@ -1,0 +1,91 @@
+"""Building blocks shared by every RWKV version, with official parameter names.
+
+Parameters are stored under the names and shapes of the official checkpoints
+(``weight`` of a Linear is ``[out, in]``), so a module's NNX state path joined with dots
+is the official key, e.g. ``blocks.3.att.key.weight``.
+
+Dtype policy: parameters live in ``param_dtype``; matmuls run in ``compute_dtype``;
+LayerNorm/GroupNorm statistics, token-shift mixing, WKV and the residual stream are float32.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+F32 = jnp.float32
+
+
+def orthogonal(key: jax.Array, shape: tuple[int, int], gain: float, dtype) -> jax.Array:
+    """Orthogonal init of a ``[out, in]`` matrix scaled by ``gain`` (torch ``orthogonal_``)."""
+    if gain == 0:
+        return jnp.zeros(shape, dtype)
+    return jax.nn.initializers.orthogonal(scale=gain)(key, shape, F32).astype(dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ weight.T`` without bias; ``weight`` is ``[out, in]`` as in torch."""
+
+    def __init__(self, d_in: int, d_out: int, *, init: jax.Array, compute_dtype):
+        self.weight = nnx.Param(init)
+        assert init.shape == (d_out, d_in), (init.shape, d_out, d_in)
+        self.compute_dtype = compute_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x: [..., in] -> [..., out] in the compute dtype."""
+        cd = self.compute_dtype
+        return jnp.einsum("...i,oi->...o", x.astype(cd), self.weight[...].astype(cd))
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm over the last axis with biased variance, computed in float32."""
+
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return layer_norm(x, self.weight[...], self.bias[...], self.eps)
+
+
+def layer_norm(x, weight, bias, eps):
+    """float32 LayerNorm of ``x`` over its last axis."""
+    x = x.astype(F32)
+    mu = jnp.mean(x, axis=-1, keepdims=True)
+    xc = x - mu
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    return xc * jax.lax.rsqrt(var + eps) * _along_last(weight, x) + _along_last(bias, x)
+
+
+def _along_last(p: jax.Array, x: jax.Array) -> jax.Array:
+    """A [C] parameter as float32 shaped to broadcast over ``x``'s last axis."""
+    return p.astype(F32).reshape((1,) * (x.ndim - 1) + (-1,))
+
+
+def group_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, n_groups: int,
+               eps: float) -> jax.Array:
+    """GroupNorm over the last axis split into ``n_groups`` contiguous groups (float32)."""
+    shape = x.shape
+    xg = x.astype(F32).reshape(*shape[:-1], n_groups, shape[-1] // n_groups)
+    mu = jnp.mean(xg, axis=-1, keepdims=True)
+    xc = xg - mu
+    var = jnp.mean(xc * xc, axis=-1, keepdims=True)
+    y = (xc * jax.lax.rsqrt(var + eps)).reshape(shape)
+    return y * _along_last(weight, y) + _along_last(bias, y)
+
+
+def token_shift(x: jax.Array, x_prev: jax.Array) -> jax.Array:
+    """The previous token's vector at every position: [B, T, C] with row 0 = ``x_prev`` [B, C]."""
+    return jnp.concatenate([x_prev[:, None, :].astype(x.dtype), x[:, :-1]], axis=1)
+
+
+def mix_vector(values, param_dtype) -> nnx.Param:
+    """A ``[1, 1, C]`` mixing parameter, as the official checkpoints store them."""
+    return nnx.Param(jnp.asarray(values, F32).reshape(1, 1, -1).astype(param_dtype))
+
+
+def vec(p: nnx.Param) -> jax.Array:
+    """A mixing parameter in float32, official shape kept ([1, 1, C] broadcasts over [B, T, C])."""
+    return p[...].astype(F32)

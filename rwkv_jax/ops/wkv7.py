@@ -1,0 +1,212 @@
+"""RWKV-7 WKV ("Goose", generalised delta rule): every form side by side, one signature.
+
+Legend (shapes): B batch, T time, H heads, N head size (64 in released models), C chunk.
+  r  [B, T, H, N]  receptance (the query)
+  w  [B, T, H, N]  *log* decay per step, < 0; the model computes ``w = -e^{-0.5}·σ(w_lin)``,
+                   so ``w ∈ (-0.6065, 0)`` (reference §5.1)
+  k, v             keys, values [B, T, H, N]
+  a, b             the low-rank transition vectors [B, T, H, N]; the model passes
+                   ``a = -kk``, ``b = kk ⊙ a_iclr`` with ``kk`` L2-normalised per head
+  S  [B, H, N, N]  float32 state per head in the official **[value i, key j]** layout
+                   (pip / CUDA); flash-linear-attention stores the transpose, see
+                   :func:`state_to_fla` / :func:`state_from_fla`
+
+Per token (reference §5.1, the CUDA kernel's loop, thread = value row i)::
+
+    sa[i]   = Σ_j S[i,j]·a[j]                               # with the OLD S
+    S[i,j] ← S[i,j]·e^{w[j]} + sa[i]·b[j] + v[i]·k[j]       # S(diag(e^w) + a bᵀ) + v kᵀ
+    y[i]    = Σ_j S[i,j]·r[j]                               # read AFTER the update
+
+All forms take ``(r, w, k, v, a, b, state=None)`` and return ``(y [B, T, H, N],
+final_state [B, H, N, N] float32)``; ``state=None`` means zeros. Inputs may be any float
+dtype; everything is computed in fp32 and ``y`` is returned in the dtype of ``v``. A sequence
+can be split anywhere: the prefix's final state fed to the rest equals one call.
+
+Forms:
+  * :func:`wkv7_step`     one token, the per-token update above;
+  * :func:`wkv7_scan`     ``lax.scan`` of the step over T (the oracle);
+  * :func:`wkv7_chunked`  the WY / DPLR chunked form of reference §5.4: intra-chunk
+                          matrices, a unit-lower-triangular solve, and a ``lax.scan`` that only
+                          carries the state across chunks;
+  * :func:`wkv7`          dispatch through :class:`~rwkv_jax.ops.impl.WkvImpl`.
+
+There is no associative-scan form: its combine would be a product of N×N transition
+matrices (O(N³) per token pair instead of the recurrence's O(N²) per token), which does not
+pay at N = 64; the chunked form is the parallel one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.linalg import solve_triangular
+
+from rwkv_jax.ops.impl import WkvImpl, resolve_impl
+
+SUPPORTED = (WkvImpl.SCAN, WkvImpl.CHUNKED)
+
+# Chunk length of the chunked form. Measured on CPU (benchmarks/bench_wkv7.py) at
+# B=8, T=512, H=8, N=64; w ≥ -0.6065 keeps a chunk's span ≥ e^{-0.6065·C}.
+DEFAULT_CHUNK = 16
+
+# fp32 matmuls at full precision: GPUs otherwise default to TF32 (10-bit mantissa) for fp32
+# dots, which the fp32 state cannot afford over long sequences.
+_HI = jax.lax.Precision.HIGHEST
+
+
+def state_to_fla(S: jax.Array) -> jax.Array:
+    """Official [..., value, key] state -> flash-linear-attention's [..., key, value]."""
+    return jnp.swapaxes(S, -1, -2)
+
+
+def state_from_fla(S: jax.Array) -> jax.Array:
+    """flash-linear-attention's [..., key, value] state -> the official [..., value, key]."""
+    return jnp.swapaxes(S, -1, -2)
+
+
+def _prepare(r, w, k, v, a, b, state):
+    B, _, H, N = r.shape
+    if state is None:
+        state = jnp.zeros((B, H, N, N), jnp.float32)
+    f32 = lambda x: jnp.asarray(x).astype(jnp.float32)  # noqa: E731
+    return tuple(f32(x) for x in (r, w, k, v, a, b)) + (f32(state),)
+
+
+def wkv7_step(r_t: jax.Array, w_t: jax.Array, k_t: jax.Array, v_t: jax.Array,
+              a_t: jax.Array, b_t: jax.Array, S: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One token. ``r_t … b_t``: [B, H, N] (any float dtype); ``S``: [B, H, N, N] [value, key].
+
+    Returns ``(y_t [B, H, N] in v_t's dtype, new S [B, H, N, N] float32)``.
+    """
+    out_dtype = v_t.dtype
+    r_t, w_t, k_t, v_t, a_t, b_t, S = (x.astype(jnp.float32)
+                                       for x in (r_t, w_t, k_t, v_t, a_t, b_t, S))
+    sa = jnp.einsum("bhij,bhj->bhi", S, a_t, precision=_HI)
+    S = (S * jnp.exp(w_t)[:, :, None, :] + sa[..., :, None] * b_t[:, :, None, :]
+         + v_t[..., :, None] * k_t[:, :, None, :])
+    y_t = jnp.einsum("bhij,bhj->bhi", S, r_t, precision=_HI)
+    return y_t.astype(out_dtype), S
+
+
+def wkv7_scan(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array,
+              b: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Sequential form: ``lax.scan`` of :func:`wkv7_step` over T. Shapes as the module legend."""
+    out_dtype = v.dtype
+    *xs, S = _prepare(r, w, k, v, a, b, state)
+
+    def body(S, x_t):
+        y_t, S = wkv7_step(*x_t, S)
+        return S, y_t
+
+    S, y = jax.lax.scan(body, S, tuple(jnp.swapaxes(x, 0, 1) for x in xs))  # time-major
+    return jnp.swapaxes(y, 0, 1).astype(out_dtype), S
+
+
+def _masked_exp(x, mask):
+    """``exp(x)`` where ``mask``, exactly 0 elsewhere, with no inf/NaN in value or gradient.
+
+    The mask goes on the exponent (the unselected entries, ``G_i - G_j > 0`` for j > i, would
+    overflow for strong decays), and a second ``where`` zeroes the unselected entries of the
+    input so that their cotangent is never formed from an overflowed value.
+    """
+    safe = jnp.where(mask, x, 0.0)
+    return jnp.exp(jnp.where(mask, safe, -jnp.inf))
+
+
+def wkv7_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array,
+                 b: jax.Array, state: jax.Array | None = None, *,
+                 chunk_size: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """Chunked WY / DPLR form (reference §5.4); shapes as the module legend.
+
+    Works in the transposed [key, value] state ``Z = Sᵀ`` that §5.4 is written for. Within a
+    chunk with start state ``Z0``, ``G`` the inclusive cumulative log-decay and
+    ``G⁻ = G - w``::
+
+        A_qk[i,j] = Σ_d r_i k_j e^{G_i - G_j}  (j ≤ i)   A_qb: same with b_j
+        A_ak[i,j] = Σ_d a_i k_j e^{G⁻_i - G_j} (j < i)   A_ab: same with b_j
+        sa    = (I - A_ab)^{-1} (A_ak V + (a ⊙ e^{G⁻}) Z0)         # sa_i = a_iᵀ Z_{i-1}
+        Y     = A_qk V + A_qb sa + (r ⊙ e^{G}) Z0
+        Z_end = e^{G_last} ⊙ Z0 + (k ⊙ e^{G_last - G})ᵀ V + (b ⊙ e^{G_last - G})ᵀ sa
+
+    Every exponent is ≤ 0. All chunk-local terms are computed for all chunks at once; the
+    ``lax.scan`` over chunks carries only ``Z``. T need not be a multiple of ``chunk_size``:
+    the tail is padded with ``w = 0`` and ``r = k = v = a = b = 0``, which leave the state
+    unchanged, so the final state is the one after the last real token.
+    """
+    out_dtype = v.dtype
+    *xs, S = _prepare(r, w, k, v, a, b, state)
+    B, T, H, N = xs[0].shape
+    C = int(chunk_size)
+    if C < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    nC = -(-T // C)
+    pad = nC * C - T
+
+    def to_chunks(x):  # [B, T, H, N] -> [B, H, nC, C, N]
+        x = jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        return x.reshape(B, nC, C, H, N).transpose(0, 3, 1, 2, 4)
+
+    r, w, k, v, a, b = (to_chunks(x) for x in xs)
+
+    # cumulative log-decay inside each chunk, fp32 (a sum of ≤ C terms ≥ -0.6065 each)
+    G = jnp.cumsum(w, axis=-2)
+    Gm = G - w                                   # exclusive: decay before token i
+    Gl = G[..., -1:, :]                          # whole-chunk decay [B, H, nC, 1, N]
+
+    i = jnp.arange(C)
+    incl = (i[:, None] >= i[None, :])[None, None, None, :, :, None]  # [1,1,1,C,C,1]
+    strict = (i[:, None] > i[None, :])[None, None, None, :, :, None]
+    # [B, H, nC, C_i, C_j, N]; masked on the exponent so the upper triangle is exactly 0
+    E_incl = _masked_exp(G[..., :, None, :] - G[..., None, :, :], incl)
+    E_strict = _masked_exp(Gm[..., :, None, :] - G[..., None, :, :], strict)
+
+    def pair(x, E, y):  # Σ_d x_i y_j E[i,j,d] -> [..., C_i, C_j]
+        return jnp.sum(x[..., :, None, :] * E * y[..., None, :, :], axis=-1)
+
+    A_qk, A_qb = pair(r, E_incl, k), pair(r, E_incl, b)
+    A_ak, A_ab = pair(a, E_strict, k), pair(a, E_strict, b)
+
+    mm = lambda x, y: jnp.matmul(x, y, precision=_HI)  # noqa: E731
+    # (I - A_ab)^{-1} applied to both right-hand sides at once: sa = U + W @ Z0.
+    # unit_diagonal=True ignores the diagonal, so passing -A_ab means I - A_ab.
+    rhs = jnp.concatenate([mm(A_ak, v), a * jnp.exp(Gm)], axis=-1)
+    UW = solve_triangular(-A_ab, rhs, lower=True, unit_diagonal=True)
+    U, W = UW[..., :N], UW[..., N:]                    # [.., C, N_v], [.., C, N_k]
+    k_end = k * jnp.exp(Gl - G)                        # decay from token j to chunk end
+    b_end = b * jnp.exp(Gl - G)
+    Z_in = mm(jnp.swapaxes(k_end, -1, -2), v)          # this chunk's kᵀV [.., N_k, N_v]
+    decay = jnp.exp(Gl)                                # [B, H, nC, 1, N_k]
+
+    def body(Z, xs_c):
+        # Z: [B, H, N_k, N_v]; xs_c: one chunk of each chunk-local term
+        U_c, W_c, b_end_c, Z_in_c, decay_c = xs_c
+        sa = U_c + mm(W_c, Z)
+        Z_next = (jnp.swapaxes(decay_c, -1, -2) * Z + Z_in_c
+                  + mm(jnp.swapaxes(b_end_c, -1, -2), sa))
+        return Z_next, Z
+
+    chunk_major = lambda x: jnp.moveaxis(x, 2, 0)  # noqa: E731
+    Z, Z0 = jax.lax.scan(body, state_to_fla(S),
+                         tuple(chunk_major(x) for x in (U, W, b_end, Z_in, decay)))
+    Z0 = jnp.moveaxis(Z0, 0, 2)                        # start state per chunk [B, H, nC, K, V]
+
+    sa = U + mm(W, Z0)
+    y = mm(A_qk, v) + mm(A_qb, sa) + mm(r * jnp.exp(G), Z0)     # [B, H, nC, C, N_v]
+    y = y.transpose(0, 2, 3, 1, 4).reshape(B, nC * C, H, N)[:, :T]
+    return y.astype(out_dtype), state_from_fla(Z)
+
+
+_FORMS = {WkvImpl.SCAN: wkv7_scan, WkvImpl.CHUNKED: wkv7_chunked}
+
+
+def wkv7(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: jax.Array,
+         state: jax.Array | None = None, *, impl: WkvImpl | str = WkvImpl.AUTO,
+         chunk_size: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """RWKV-7 WKV through the form ``impl`` names (AUTO: by platform). See module docstring.
+
+    ``chunk_size`` is used by the chunked form only.
+    """
+    impl = resolve_impl(impl, "wkv7", SUPPORTED)
+    if impl is WkvImpl.CHUNKED:
+        return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size)
+    return _FORMS[impl](r, w, k, v, a, b, state)
