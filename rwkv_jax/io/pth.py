@@ -179,7 +179,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
         try:
             return _ALLOWED_GLOBALS[(module, name)]
-        except (KeyError, TypeError):
+        except KeyError:
             raise CheckpointError(
                 f"{self._path}: refused global '{module}.{name}' in data.pkl; only tensor "
                 "state dicts are loaded (the file may be malicious or not a plain checkpoint)"
@@ -277,8 +277,13 @@ class _Archive:
                 )
             # No CRC check here: it would read every page, which mapping exists to avoid.
             return self._map[start : start + nbytes]
-        # Compressed member or mmap=False: zipfile reads and verifies the CRC.
-        return np.frombuffer(self.zf.read(info), dtype=np.uint8, count=nbytes)
+        # Compressed member or mmap=False: read into a writable buffer; zipfile checks the
+        # CRC when the read reaches the end of the member.
+        buf = np.empty(info.file_size, np.uint8)
+        with self.zf.open(info) as src:
+            if src.readinto(memoryview(buf)) != info.file_size:
+                raise CheckpointError(f"{self.path}: storage '{name}' is truncated")
+        return buf[:nbytes]
 
 
 def _materialize(
@@ -324,7 +329,7 @@ def _contiguous_strides(size: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _state_dict(path: str, obj: Any) -> dict[str, _TensorRef]:
-    """The str -> tensor mapping in ``obj``, unwrapping ``{'state_dict': ...}``/``{'model': ...}``."""
+    """The str -> tensor mapping in ``obj``; ``{'state_dict' or 'model': ...}`` is unwrapped."""
 
     def is_sd(x: Any) -> bool:
         return isinstance(x, dict) and all(
@@ -486,7 +491,7 @@ class _PickleEmitter:
         self.op(pickle.REDUCE)
 
     def state_dict(self, entries: list[tuple[str, str, int, tuple[int, ...]]]) -> bytes:
-        """``{name: tensor}`` for (name, storage type, numel, shape) entries; storage key = index."""
+        """``{name: tensor}`` from (name, storage type, numel, shape); storage key = index."""
         self.op(pickle.EMPTY_DICT)
         if entries:
             self.op(pickle.MARK)

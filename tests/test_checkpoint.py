@@ -1,0 +1,189 @@
+"""Checkpoint round trips, Hugging Face names, config inference and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import rwkv_jax
+from rwkv_jax import CheckpointError, RWKVConfig
+from rwkv_jax.checkpoint import (infer_config, model_tensors, read_tensors, to_hf_names,
+                                 to_official_names)
+from rwkv_jax.io.pth import write_pth
+
+TOKENS = jnp.asarray(np.arange(40, dtype=np.int32) * 7 % 256)[None]
+
+
+@pytest.fixture(scope="module")
+def tiny4(fixtures_dir):
+    return rwkv_jax.load(fixtures_dir / "rwkv4-tiny-660k.pth")
+
+
+def _logits(model):
+    return np.asarray(model(TOKENS)[0])
+
+
+def test_infer_config_from_shapes(tiny4):
+    cfg = tiny4.config
+    assert (cfg.version, cfg.n_layer, cfg.n_embd, cfg.vocab_size, cfg.ffn_size) == \
+        ("4", 4, 128, 256, 256)  # this fixture has F = 2C
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_save_load_identical(tiny4, tmp_path, suffix):
+    path = rwkv_jax.save(tiny4, tmp_path / f"m{suffix}")
+    again = rwkv_jax.load(path)
+    assert again.config == tiny4.config
+    np.testing.assert_array_equal(_logits(again), _logits(tiny4))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bf16_params_round_trip(tiny4, tmp_path):
+    m = rwkv_jax.load(rwkv_jax.save(tiny4, tmp_path / "a.pth"), param_dtype="bfloat16")
+    tensors = model_tensors(m)
+    assert all(v.dtype == jnp.bfloat16 for v in tensors.values())
+    back = read_tensors(rwkv_jax.save(m, tmp_path / "b.pth"))
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype
+        np.testing.assert_array_equal(back[k].astype(np.float32), v.astype(np.float32))
+
+
+def test_hf_names_round_trip(tiny4, tmp_path):
+    official = model_tensors(tiny4)
+    hf = to_hf_names(official, "4")
+    assert "rwkv.embeddings.weight" in hf and "head.weight" in hf
+    assert "rwkv.blocks.0.pre_ln.weight" in hf
+    assert "rwkv.blocks.1.attention.time_mix_key" in hf
+    assert "rwkv.blocks.1.feed_forward.time_mix_receptance" in hf
+    assert "rwkv.blocks.1.attention.time_decay" in hf
+    assert to_official_names(hf).keys() == official.keys()
+    path = rwkv_jax.save(tiny4, tmp_path / "hf.safetensors", names="hf")
+    np.testing.assert_array_equal(_logits(rwkv_jax.load(path)), _logits(tiny4))
+
+
+def test_run_directory(tiny4, tmp_path):
+    rwkv_jax.save(tiny4, tmp_path / "model.safetensors")
+    np.testing.assert_array_equal(_logits(rwkv_jax.load(tmp_path)), _logits(tiny4))
+
+
+def test_overrides(fixtures_dir):
+    m = rwkv_jax.load(fixtures_dir / "rwkv4-tiny-660k.pth", wkv_impl="associative",
+                      compute_dtype="bfloat16")
+    assert m.config.wkv_impl == "associative" and m.config.compute_dtype == "bfloat16"
+    with pytest.raises(CheckpointError, match="unknown config field.*no_such_thing"):
+        rwkv_jax.load(fixtures_dir / "rwkv4-tiny-660k.pth", no_such_thing=1)
+    with pytest.raises(CheckpointError, match="wkv_impl"):
+        rwkv_jax.load(fixtures_dir / "rwkv4-tiny-660k.pth", wkv_impl="fastest")
+
+
+def test_every_mismatch_listed_at_once(tiny4, tmp_path):
+    t = model_tensors(tiny4)
+    del t["blocks.2.att.key.weight"]
+    del t["ln_out.bias"]
+    t["blocks.1.att.time_first"] = np.zeros((7,), np.float32)
+    t["blocks.0.att.surprise"] = np.zeros((3,), np.float32)
+    path = tmp_path / "bad.pth"
+    write_pth(t, path)
+    with pytest.raises(CheckpointError) as e:
+        rwkv_jax.load(path)
+    msg = str(e.value)
+    assert str(path) in msg
+    assert "missing keys: blocks.2.att.key.weight, ln_out.bias" in msg
+    assert "unknown keys: blocks.0.att.surprise" in msg
+    assert "blocks.1.att.time_first: shape (7,), expected (128,)" in msg
+
+
+def test_not_rwkv_and_corrupt_files(fixtures_dir, tmp_path):
+    from safetensors.numpy import save_file
+    save_file({"foo": np.zeros(3, np.float32)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(CheckpointError, match="not an RWKV checkpoint: no 'emb.weight'"):
+        rwkv_jax.load(tmp_path / "x.safetensors")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        rwkv_jax.load(tmp_path / "empty.pth")
+    (tmp_path / "noise.bin").write_bytes(os.urandom(1000))
+    with pytest.raises(CheckpointError, match="not an RWKV checkpoint"):
+        rwkv_jax.load(tmp_path / "noise.bin")
+    data = (fixtures_dir / "rwkv4-tiny-660k.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="(?i)truncated|corrupt"):
+        rwkv_jax.load(tmp_path / "cut.pth")
+    with pytest.raises(CheckpointError, match="no such file"):
+        rwkv_jax.load(tmp_path / "absent.pth")
+    full = tmp_path / "s.safetensors"
+    rwkv_jax.save(rwkv_jax.load(fixtures_dir / "rwkv4-tiny-660k.pth"), full)
+    raw = full.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(raw[: len(raw) - 1000])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        rwkv_jax.load(tmp_path / "cut.safetensors")
+
+
+def test_hostile_pickle_refused_payload_not_run(tmp_path):
+    """A .pth whose pickle calls os.system is refused; the command never runs."""
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"emb.weight": Evil()}, protocol=2))
+        z.writestr("archive/version", "3\n")
+    with pytest.raises(CheckpointError, match="system"):
+        rwkv_jax.load(path)
+    assert not marker.exists()
+
+
+def test_official_init_from_scratch():
+    cfg = RWKVConfig.tiny(n_layer=3, n_embd=32)
+    m = rwkv_jax.RWKV(cfg, rngs=nnx.Rngs(0))
+    t = model_tensors(m)
+    C = cfg.n_embd
+    h = np.arange(C) / (C - 1)
+    for i in range(3):
+        r01 = i / 2
+        np.testing.assert_allclose(t[f"blocks.{i}.att.time_decay"],
+                                   -5 + 8 * h ** (0.7 + 1.3 * r01), rtol=1e-6)
+        for name in ("att.key", "att.receptance", "att.output", "ffn.value", "ffn.receptance"):
+            assert not np.any(t[f"blocks.{i}.{name}.weight"])
+    zig = ((np.arange(C) + 1) % 3) - 1
+    np.testing.assert_allclose(t["blocks.0.att.time_first"], np.log(0.3) + 0.5 * zig, rtol=1e-6)
+    np.testing.assert_allclose(t["blocks.1.att.time_mix_k"].ravel(),
+                               (np.arange(C) / C) ** (1 - 1 / 3), rtol=1e-6)
+    w = t["blocks.0.ffn.key.weight"]  # [4C, C] orthogonal with gain 2: columns have norm 2
+    np.testing.assert_allclose(np.linalg.norm(w, axis=0), 2.0, rtol=1e-5)
+    assert np.abs(t["emb.weight"]).max() <= 1e-4
+    logits, _ = m(TOKENS)
+    assert logits.shape == (1, 40, 256) and np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.torch
+def test_saved_pth_loads_in_official_package(tiny4, tmp_path):
+    """Our .pth loads in the official `rwkv` package (torch) with the same logits."""
+    pytest.importorskip("torch", reason="torch not installed (pip install torch rwkv==0.8.32)")
+    pytest.importorskip("rwkv", reason="official rwkv package not installed")
+    path = rwkv_jax.save(tiny4, tmp_path / "ours.pth")
+    toks = [int(t) for t in np.asarray(TOKENS[0])]
+    script = textwrap.dedent(f"""
+        import os, json, numpy as np
+        os.environ["RWKV_JIT_ON"] = "0"; os.environ["RWKV_CUDA_ON"] = "0"
+        from rwkv.model import RWKV
+        m = RWKV(model={str(path)[:-4]!r}, strategy="cpu fp32", verbose=False)
+        out, _ = m.forward({toks}, None, full_output=True)
+        np.save({str(tmp_path / "official.npy")!r}, out.float().numpy())
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True)
+    official = np.load(tmp_path / "official.npy").reshape(len(toks), -1)
+    np.testing.assert_allclose(_logits(tiny4)[0], official, atol=1e-4, rtol=0)
