@@ -44,6 +44,7 @@ command("info", "show the config inferred from a checkpoint")(_info)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import rwkv_jax.commands  # noqa: F401  (registers the subcommands)
     parser = argparse.ArgumentParser(
         prog="rwkv-jax",
         description="RWKV language models in JAX/Flax: train, run and convert checkpoints.")
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         return COMMANDS[args.command][2](args)
-    except (rwkv_jax.CheckpointError, rwkv_jax.ConfigError) as e:
+    except (rwkv_jax.CheckpointError, rwkv_jax.ConfigError, FileNotFoundError) as e:
         print(f"rwkv-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

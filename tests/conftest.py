@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import tempfile
 
 import jax
 import pytest
@@ -12,6 +13,11 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # fp64 references are computed with numpy or with jax under explicit float64 dtypes;
 # x64 must be on for the latter. Library code always names its dtypes explicitly.
 jax.config.update("jax_enable_x64", True)
+
+# Tests build many identical programs (same shapes, new closures): the persistent cache
+# turns every recompilation after the first into a load.
+jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="rwkv-jax-test-xla-"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("RWKV_JAX_SHARED", ROOT.parent / "shared"))

@@ -12,16 +12,35 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 F32 = jnp.float32
 
 
-def orthogonal(key: jax.Array, shape: tuple[int, int], gain: float, dtype) -> jax.Array:
+def host_rng(rngs: nnx.Rngs) -> np.random.Generator:
+    """A numpy generator seeded from the next ``params`` key of ``rngs``.
+
+    Initialisation runs on the host in numpy: eager JAX would compile every distinct
+    init op, which costs seconds for a model that then never runs those ops again.
+    """
+    data = jax.random.key_data(rngs.params())
+    if isinstance(data, jax.core.Tracer):  # under nnx.eval_shape only shapes matter
+        return np.random.default_rng(0)
+    return np.random.default_rng(np.asarray(data).ravel())
+
+
+def orthogonal(rng: np.random.Generator, shape: tuple[int, int], gain: float,
+               dtype) -> jax.Array:
     """Orthogonal init of a ``[out, in]`` matrix scaled by ``gain`` (torch ``orthogonal_``)."""
     if gain == 0:
         return jnp.zeros(shape, dtype)
-    return jax.nn.initializers.orthogonal(scale=gain)(key, shape, F32).astype(dtype)
+    rows, cols = shape
+    a = rng.standard_normal((rows, cols) if rows >= cols else (cols, rows))
+    q, r = np.linalg.qr(a)
+    q = q * np.sign(np.diag(r))[None, :]
+    q = q if rows >= cols else q.T
+    return jnp.asarray((gain * q).astype(np.float32), dtype)
 
 
 class Linear(nnx.Module):

@@ -16,10 +16,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import F32, LayerNorm, Linear, orthogonal
+from rwkv_jax.model.layers import F32, LayerNorm, Linear, host_rng, orthogonal
 from rwkv_jax.model.rwkv4 import ChannelMix4, TimeMix4
 
 
@@ -47,9 +48,8 @@ class Embedding(nnx.Module):
 
     def __init__(self, cfg: RWKVConfig, *, rngs: nnx.Rngs):
         # v4neo/v5+/v7: uniform ±1e-4 ("SmallInitEmb"; ln0 follows)
-        self.weight = nnx.Param(jax.random.uniform(
-            rngs.params(), (cfg.vocab_size, cfg.n_embd), F32, -1e-4, 1e-4
-        ).astype(cfg.param_jnp_dtype))
+        emb = host_rng(rngs).uniform(-1e-4, 1e-4, (cfg.vocab_size, cfg.n_embd))
+        self.weight = nnx.Param(jnp.asarray(emb.astype(np.float32), cfg.param_jnp_dtype))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], tokens, axis=0).astype(F32)
@@ -95,7 +95,7 @@ class RWKV(nnx.Module):
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.n_layer)])
         self.ln_out = LayerNorm(C, cfg.ln_eps, pd)
         gain = 0.5 * (V / C) ** 0.5 if V > C else 0.5
-        self.head = Linear(C, V, init=orthogonal(rngs.params(), (V, C), gain, pd),
+        self.head = Linear(C, V, init=orthogonal(host_rng(rngs), (V, C), gain, pd),
                            compute_dtype=cfg.compute_jnp_dtype)
 
     def init_state(self, batch_size: int) -> RWKVState:

@@ -10,7 +10,8 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import F32, Linear, mix_vector, orthogonal, token_shift, vec
+from rwkv_jax.model.layers import (F32, Linear, host_rng, mix_vector, orthogonal,
+                                   token_shift, vec)
 from rwkv_jax.ops.wkv4 import Wkv4State, wkv4
 
 
@@ -25,7 +26,7 @@ def _ratios(cfg: RWKVConfig, layer_id: int):
 
 def _linear(cfg, rngs, d_in, d_out, gain):
     """A Linear with the official orthogonal(gain) init (gain 0 = zeros)."""
-    w = orthogonal(rngs.params(), (d_out, d_in), gain, cfg.param_jnp_dtype)
+    w = orthogonal(host_rng(rngs), (d_out, d_in), gain, cfg.param_jnp_dtype)
     return Linear(d_in, d_out, init=w, compute_dtype=cfg.compute_jnp_dtype)
 
 

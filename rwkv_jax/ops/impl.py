@@ -47,7 +47,8 @@ class WkvImpl(str, enum.Enum):
 _AUTO_TABLE = {
     "wkv4": {"cpu": WkvImpl.SCAN, "gpu": WkvImpl.ASSOCIATIVE, "tpu": WkvImpl.ASSOCIATIVE},
     "wkv6": {"cpu": WkvImpl.CHUNKED, "gpu": WkvImpl.CHUNKED, "tpu": WkvImpl.CHUNKED},
-    "wkv7": {"cpu": WkvImpl.CHUNKED, "gpu": WkvImpl.CHUNKED, "tpu": WkvImpl.CHUNKED},
+    # RWKV-7 on CPU: lax.scan measured 8x faster fwd, 1.1x fwd+bwd than chunked (B8 T512 H8 N64)
+    "wkv7": {"cpu": WkvImpl.SCAN, "gpu": WkvImpl.CHUNKED, "tpu": WkvImpl.CHUNKED},
 }
 
 

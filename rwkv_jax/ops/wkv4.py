@@ -78,9 +78,11 @@ def wkv4_step(w: jax.Array, u: jax.Array, k_t: jax.Array, v_t: jax.Array,
               state: Wkv4State) -> tuple[jax.Array, Wkv4State]:
     """One token. ``k_t, v_t``: [B, C] float32; ``state`` fields [B, C] float32.
 
-    Returns ``(y_t [B, C] float32, new_state)`` using the official update.
+    ``w, u``: [C] or [B, C]. Returns ``(y_t [B, C] float32, new_state)`` (official update).
     """
     aa, bb, pp = state
+    w = jnp.broadcast_to(w, k_t.shape)
+    u = jnp.broadcast_to(u, k_t.shape)
     y = _output(u, k_t, v_t, aa, bb, pp)
     q = jnp.maximum(pp + w, k_t)
     e1 = jnp.exp((pp - q) + w)  # not pp + w - q: q may round pp + w off when |w| << ulp(pp)

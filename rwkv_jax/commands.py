@@ -1,0 +1,42 @@
+"""Subcommands of ``rwkv-jax`` (registered into :mod:`rwkv_jax.cli`). Thin: parse, call, print."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rwkv_jax.cli import command
+
+
+# ---- train ---------------------------------------------------------------------------------
+def _train_args(p: argparse.ArgumentParser):
+    p.add_argument("--config", help="YAML run config (default: built-in defaults, which train "
+                                    "on the Python standard library's sources)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. train.max_steps=100 out_dir=runs/x")
+
+
+def _train(args) -> int:
+    from rwkv_jax.train.config import load_config
+    from rwkv_jax.train.trainer import TrainingDiverged, Trainer
+    cfg = load_config(args.config, args.overrides)  # every config error surfaces before work
+    trainer = Trainer(cfg)
+    try:
+        metrics = trainer.fit()
+    except TrainingDiverged as e:
+        print(f"rwkv-jax train: {e}", file=sys.stderr)
+        return 3
+    print(f"step {trainer.step}: val_loss {metrics['val_loss']:.4f} nats/token, "
+          f"val_bpb {metrics['val_bpb']:.4f}; model saved to {trainer.out}/model.safetensors")
+    t = cfg.train
+    if t.sample_tokens > 0:
+        from rwkv_jax.generate import generate
+        text = generate(trainer.model(), trainer.batches.tokenizer, t.sample_prompt,
+                        max_tokens=t.sample_tokens, temperature=0.8, top_p=0.9, seed=t.seed)
+        print(f"--- sample (prompt {t.sample_prompt!r}) ---\n{t.sample_prompt}{text}")
+    return 0
+
+
+_train.add_arguments = _train_args
+command("train", "train a model from a YAML config (default: a small byte-level RWKV-4 on "
+                 "the Python standard library's sources)")(_train)

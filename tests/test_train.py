@@ -1,0 +1,269 @@
+"""Training: config errors, exact resume, crash safety, loss falls, bf16, L2Wrap, non-finite."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rwkv_jax
+from rwkv_jax.config import ConfigError
+from rwkv_jax.train import optim
+from rwkv_jax.train.config import load_config
+from rwkv_jax.train.trainer import Trainer, TrainingDiverged
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _corpus(tmp_path) -> pathlib.Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    path = tmp_path / "corpus.txt"
+    rng = np.random.default_rng(0)
+    words = ["the", "cat", "sat", "on", "a", "mat", "and", "dog", "ran", "far"]
+    path.write_text(" ".join(rng.choice(words, 6000)) + "\n")
+    return path
+
+
+def _cfg(tmp_path, *extra):
+    return load_config(None, [
+        f"out_dir={tmp_path / 'run'}", f"data.path={_corpus(tmp_path)}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "model.n_layer=2", "model.n_embd=32", "data.ctx_len=16", "train.batch_size=4",
+        "train.max_steps=8", "train.log_every=1", "train.eval_every=4", "train.eval_batches=2",
+        "checkpoint.every=4", "schedule.warmup_steps=2", "logging.progress=false",
+        "train.sample_tokens=0", *extra])
+
+
+def _losses(run_dir) -> list[tuple[int, float]]:
+    lines = (pathlib.Path(run_dir) / "metrics.jsonl").read_text().splitlines()
+    return [(r["step"], r["train_loss"]) for r in map(json.loads, lines)]
+
+
+# ---- config ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("override, message", [
+    ("train.max_step=3", "unknown key train.max_step; valid keys in train: batch_size"),
+    ("train.max_steps=abc", "train.max_steps: expected int"),
+    ("optimizer.lr=fast", "optimizer.lr: expected float"),
+    ("model.version=9", "model.version"),
+    ("model.wkv_impl=warp", "wkv_impl"),
+    ("schedule.kind=linearish", "schedule.kind: 'linearish' is not one of"),
+    ("bogus=1", "unknown key bogus; valid keys in the top level: checkpoint, data"),
+    ("train.max_steps", "not of the form key.sub=value"),
+    ("model.n_layer=-2", "n_layer: must be a positive integer"),
+])
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+        load_config(None, [override])
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  max_steps: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("train:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError, match="unknown key train.batch_sise"):
+        load_config(bad)
+
+
+def test_shipped_configs_parse():
+    for path in (ROOT / "configs").glob("*.yaml"):
+        cfg = load_config(path)
+        assert cfg.train.max_steps > 0
+    sh = load_config(ROOT / "configs" / "shakespeare-char.yaml")
+    assert (sh.data.ctx_len, sh.train.batch_size, sh.train.max_steps) == (64, 12, 2000)
+
+
+def test_cli_config_error_before_work(tmp_path):
+    from rwkv_jax.cli import main
+    assert main(["train", f"out_dir={tmp_path / 'x'}", "train.nope=1"]) == 2
+    assert not (tmp_path / "x").exists()
+
+
+# ---- optimizer pieces ---------------------------------------------------------------------
+def test_param_groups_rwkv4():
+    assert optim.lr_multiplier("blocks.0.att.time_decay", "4") == 2.0
+    assert optim.lr_multiplier("blocks.0.att.time_first", "4") == 3.0
+    assert optim.lr_multiplier("blocks.0.att.time_mix_k", "4") == 1.0
+    assert optim.lr_multiplier("blocks.0.att.time_decay", "4", layerwise_lr=False) == 1.0
+    assert optim.decays("blocks.0.att.key.weight", 2) and optim.decays("emb.weight", 2)
+    assert not optim.decays("blocks.0.att.time_mix_k", 3)
+    assert not optim.decays("blocks.0.ln1.weight", 1)
+
+
+def test_schedule_matches_rwkv_lm():
+    from rwkv_jax.train.config import OptimizerConfig, ScheduleConfig
+    opt = OptimizerConfig(lr=6e-4, lr_final=1e-5)
+    exp = optim.schedule(opt, ScheduleConfig(kind="exponential", warmup_steps=10), 101)
+    assert float(exp(0)) == pytest.approx(6e-4 * 0.2)
+    assert float(exp(5)) == pytest.approx(6e-4 * np.exp(np.log(1e-5 / 6e-4) * 0.05)
+                                          * (0.2 + 0.8 * 0.5))
+    assert float(exp(100)) == pytest.approx(1e-5)
+    cos = optim.schedule(opt, ScheduleConfig(kind="cosine", warmup_steps=0), 101)
+    f = 1e-5 / 6e-4
+    assert float(cos(50)) == pytest.approx(6e-4 * ((0.5 + f / 2) + (0.5 - f / 2) * np.cos(np.pi / 2)))
+    assert float(cos(100)) == pytest.approx(1e-5)
+
+
+def test_l2wrap_gradient_matches_rwkv_lm_definition():
+    """d/dlogits of l2wrap(loss, logits) = dloss/dlogits + g·max·1e-4/(B·T) at each argmax."""
+    key = jax.random.PRNGKey(0)
+    logits = jax.random.normal(key, (2, 3, 11), jnp.float32) * 3
+    targets = jnp.asarray([[1, 2, 3], [4, 5, 6]])
+
+    def plain(lg):
+        return optim.cross_entropy(lg, targets)
+
+    def wrapped(lg, scale):
+        return scale * optim.l2wrap(optim.cross_entropy(lg, targets), lg)
+
+    for scale in (1.0, 0.25):  # grad_output != 1 must scale the extra term (the fixed form)
+        g = np.asarray(jax.grad(wrapped)(logits, scale))
+        want = scale * np.asarray(jax.grad(plain)(logits))
+        lg = np.asarray(logits)
+        idx = lg.argmax(-1)
+        for b in range(2):
+            for t in range(3):
+                want[b, t, idx[b, t]] += scale * lg[b, t, idx[b, t]] * 1e-4 / 6
+        np.testing.assert_allclose(g, want, rtol=1e-5, atol=1e-8)
+    assert float(wrapped(logits, 1.0)) == pytest.approx(float(plain(logits)))
+
+
+# ---- the loop ------------------------------------------------------------------------------
+def test_loss_falls_and_export_loads(tmp_path):
+    cfg = _cfg(tmp_path, "train.max_steps=60", "optimizer.lr=1e-2", "train.log_every=1",
+               "data.tokenizer=char",
+               "train.eval_every=60", "checkpoint.every=60")
+    metrics = Trainer(cfg).fit()
+    losses = _losses(cfg.out_dir)
+    assert losses[-1][1] < losses[0][1] - 0.5, losses
+    assert metrics["val_loss"] < 2.6  # from ln(vocab) ≈ 3.3 for this ~25-char corpus
+    for key in ("step", "train_loss", "lr", "tokens_per_s", "grad_norm"):
+        assert key in json.loads((pathlib.Path(cfg.out_dir) / "metrics.jsonl").read_text()
+                                 .splitlines()[0])
+    model = rwkv_jax.load(cfg.out_dir)
+    assert model.config.vocab_size < 40  # char vocab from the data, not the default 256
+    assert (pathlib.Path(cfg.out_dir) / "config.yaml").exists()
+
+
+def test_resume_is_exact(tmp_path):
+    straight = _cfg(tmp_path / "a")
+    Trainer(straight).fit()
+    resumed_cfg = _cfg(tmp_path / "b")
+    Trainer(resumed_cfg).fit(stop_at=4)  # interrupted after the step-4 checkpoint
+    t = Trainer(resumed_cfg)  # a new process would do the same: resume from step 4
+    t.fit()
+    a, b = _losses(straight.out_dir), _losses(resumed_cfg.out_dir)
+    assert [s for s, _ in b] == list(range(1, 9))
+    assert a == b  # bit-identical losses
+
+
+def _train_in_subprocess(cfg, kill_at_save: int | None = None):
+    """Run ``Trainer(cfg).fit()`` in a fresh process (production settings: no x64).
+
+    ``kill_at_save``: SIGKILL the process inside the save of that step, after orbax has
+    written the checkpoint and before its atomic rename makes it visible.
+    """
+    script = textwrap.dedent(f"""
+        import json, os, signal
+        from orbax.checkpoint._src.path import atomicity
+        from rwkv_jax.train.config import load_config
+        from rwkv_jax.train.trainer import Trainer
+        orig = atomicity.AtomicRenameTemporaryPath.finalize
+        async def finalize(self, *a, **k):
+            if self.get_final().name == {str(kill_at_save)!r}:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return await orig(self, *a, **k)
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+        Trainer(load_config(None, json.loads({json.dumps(json.dumps(_overrides(cfg)))}))).fit()
+    """)
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env)
+
+
+def test_kill9_during_checkpoint_save_loses_nothing(tmp_path):
+    """SIGKILL inside the second checkpoint save (after writing, before the atomic rename):
+    the rerun resumes from the first checkpoint and ends with the uninterrupted losses."""
+    reference = _cfg(tmp_path / "ref")
+    assert _train_in_subprocess(reference).returncode == 0
+    cfg = _cfg(tmp_path / "crash")
+    proc = _train_in_subprocess(cfg, kill_at_save=8)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    ckpts = pathlib.Path(cfg.out_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4"]
+    assert not (pathlib.Path(cfg.out_dir) / "model.safetensors").exists()
+    proc = _train_in_subprocess(cfg)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resumed at step 4" in proc.stderr
+    assert _losses(cfg.out_dir) == _losses(reference.out_dir)
+
+
+def _overrides(cfg) -> list[str]:
+    d = cfg.to_dict()
+    out = []
+    for section, values in d.items():
+        if isinstance(values, dict):
+            out += [f"{section}.{k}={json.dumps(v)}" for k, v in values.items()
+                    if section not in ("model",) or k in ("n_layer", "n_embd")]
+        else:
+            out.append(f"{section}={values}")
+    return out
+
+
+def test_bf16_compute_trains(tmp_path):
+    cfg = _cfg(tmp_path, "model.compute_dtype=bfloat16", "train.max_steps=30",
+               "optimizer.lr=1e-2", "train.log_every=10", "train.eval_every=30",
+               "checkpoint.every=30")
+    Trainer(cfg).fit()
+    losses = _losses(cfg.out_dir)
+    assert np.isfinite([l for _, l in losses]).all()
+    assert losses[-1][1] < losses[0][1]
+    params = jax.tree.leaves(Trainer(cfg).params)
+    assert all(p.dtype == jnp.float32 for p in params)  # fp32 master weights
+
+
+def test_raising_max_steps_continues(tmp_path):
+    cfg = _cfg(tmp_path, "train.max_steps=4")
+    Trainer(cfg).fit()
+    more = _cfg(tmp_path, "train.max_steps=6")
+    t = Trainer(more)
+    t.fit()
+    assert [s for s, _ in _losses(more.out_dir)] == list(range(1, 7))
+
+
+def test_grad_accumulation_runs(tmp_path):
+    a = _cfg(tmp_path / "a", "train.max_steps=2", "train.batch_size=4", "train.grad_accum=2")
+    Trainer(a).fit()
+    assert np.isfinite([l for _, l in _losses(a.out_dir)]).all()
+
+
+def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
+    cfg = _cfg(tmp_path, "train.max_steps=8")
+    Trainer(cfg).fit(stop_at=4)  # 4 good steps, checkpoint at 4
+    t2 = Trainer(cfg)
+    orig = t2._loss
+
+    def poisoned(params, x, y):  # every later step has an infinite loss
+        return orig(params, x, y) * jnp.inf
+
+    t2._loss = poisoned
+    t2._train_step = jax.jit(t2._step_fn, donate_argnums=(0, 1))
+    with pytest.raises(TrainingDiverged, match="non-finite loss.*step 4.* is intact"):
+        t2.fit()
+    ckpts = pathlib.Path(cfg.out_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4"]
+    t3 = Trainer(cfg)
+    assert t3.restore_latest() and t3.step == 4
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(t3.params))
