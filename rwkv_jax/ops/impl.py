@@ -43,10 +43,11 @@ class WkvImpl(str, enum.Enum):
 
 # Per-version default for AUTO, by platform. RWKV-4 (per-channel state): lax.scan measured
 # 2.5x faster than the associative form on CPU; associative 30x faster than lax.scan on an H100.
-# Matrix-state versions (5/6/7): the chunked form does the work as matmuls everywhere.
+# Matrix-state versions (5/6/7): the chunked form does the work as matmuls on accelerators.
 _AUTO_TABLE = {
     "wkv4": {"cpu": WkvImpl.SCAN, "gpu": WkvImpl.ASSOCIATIVE, "tpu": WkvImpl.ASSOCIATIVE},
-    "wkv6": {"cpu": WkvImpl.CHUNKED, "gpu": WkvImpl.CHUNKED, "tpu": WkvImpl.CHUNKED},
+    # RWKV-5/6 on CPU: lax.scan measured 3.7x faster fwd, equal fwd+bwd (B8 T512 H8 N64)
+    "wkv6": {"cpu": WkvImpl.SCAN, "gpu": WkvImpl.CHUNKED, "tpu": WkvImpl.CHUNKED},
     # RWKV-7 on CPU: lax.scan measured 8x faster fwd, 1.1x fwd+bwd than chunked (B8 T512 H8 N64)
     "wkv7": {"cpu": WkvImpl.SCAN, "gpu": WkvImpl.CHUNKED, "tpu": WkvImpl.CHUNKED},
 }

@@ -40,14 +40,15 @@ SUPPORTED = (WkvImpl.SCAN, WkvImpl.CHUNKED, WkvImpl.ASSOCIATIVE)
 # cost chunk_size·SUB_CHUNK·N per chunk, so this stays small.
 SUB_CHUNK = 16
 
-# Per-step log decays are clamped here. exp(-1e4) is 0 in fp32 as is exp(-inf), so values and
-# gradients are unchanged, but the chunked form's 0/1-mask matmuls would turn -inf into
-# 0·(-inf) = NaN and chunk sums of ~-1e38 into -inf.
-LOG_DECAY_MIN = -1e4
+# fp32 contractions at full fp32 precision: JAX's DEFAULT precision runs fp32 matmuls as TF32
+# on recent GPUs and as bf16 passes on TPU (~1e-3 relative), which would break "accumulate
+# in fp32" for every form here. CPU is unaffected.
+_PRECISION = jax.lax.Precision.HIGHEST
 
-# Exponent sums must not go through reduced-precision matmul passes (TF32 / bf16 on GPU/TPU):
-# an error δ in an exponent is a relative error δ in its term.
-_EXACT = jax.lax.Precision.HIGHEST
+# Per-step log decays are clamped here so that every sum of them stays finite (no -inf, so
+# no inf - inf = NaN in exponents or gradients). exp(-1e4) is 0 in fp32, as is exp(-inf):
+# values and gradients are unchanged.
+LOG_DECAY_MIN = -1e4
 
 
 def _prepare(r, w, k, v, u, state):
@@ -82,7 +83,7 @@ def wkv6_step(r_t: jax.Array, w_t: jax.Array, k_t: jax.Array, v_t: jax.Array, u:
     S = jnp.asarray(S, jnp.float32)
     # y_j = (Σ_i r_i u_i k_i)·v_j + Σ_i r_i S_ij
     bonus = jnp.sum(r_t * u[None] * k_t, axis=-1, keepdims=True)
-    y = bonus * v_t + jnp.einsum("bhi,bhij->bhj", r_t, S)
+    y = bonus * v_t + jnp.einsum("bhi,bhij->bhj", r_t, S, precision=_PRECISION)
     S = jnp.exp(w_t)[..., None] * S + k_t[..., None] * v_t[..., None, :]
     return y.astype(out_dtype), S
 
@@ -102,19 +103,17 @@ def wkv6_scan(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.Arr
     return jnp.swapaxes(y, 0, 1).astype(out_dtype), state
 
 
-def _exclusive_cumsum(x, axis):
-    """Σ over earlier positions along ``axis`` (0 at the first). Not ``cumsum(x) - x``: that
-    subtraction cancels, and an error δ in a log decay is a relative error δ in its factor."""
-    c = jnp.cumsum(x, axis=axis)
+def _exclusive_cumsum(x, axis, reverse=False):
+    """Σ over earlier positions along ``axis`` (later ones if ``reverse``), 0 at the first.
+
+    Not ``cumsum(x) - x``: that subtraction cancels, and an error δ in a log decay is a
+    relative error δ in its factor."""
+    n = x.shape[axis]
+    c = jax.lax.cumsum(x, axis=axis, reverse=reverse)
     zero = jnp.zeros_like(jax.lax.slice_in_dim(x, 0, 1, axis=axis))
-    return jnp.concatenate([zero, jax.lax.slice_in_dim(c, 0, x.shape[axis] - 1, axis=axis)],
-                           axis=axis)
-
-
-def _strictly_between(lo, hi, n):
-    """0/1 float32 mask ``M[..., m] = lo[...] < m < hi[...]`` for m in range(n)."""
-    m = jnp.arange(n).reshape((1,) * lo.ndim + (n,))
-    return ((lo[..., None] < m) & (m < hi[..., None])).astype(jnp.float32)
+    if reverse:
+        return jnp.concatenate([jax.lax.slice_in_dim(c, 1, n, axis=axis), zero], axis=axis)
+    return jnp.concatenate([zero, jax.lax.slice_in_dim(c, 0, n - 1, axis=axis)], axis=axis)
 
 
 def wkv6_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.Array,
@@ -130,14 +129,14 @@ def wkv6_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.
         S_end = e^{D(-1, L)} ⊙ S0  +  Σ_j (k_j ⊙ e^{D(j, L)}) v_jᵀ
 
     Chunks are split into sub-chunks of :data:`SUB_CHUNK`. For a query sub-chunk starting at
-    ``s`` and a key ``j < s`` the factor splits at the reference point ``s``:
-    ``e^{D(j,t)} = e^{D(s-1, t)}·e^{D(j, s)}`` with both exponents <= 0, so the block is a
+    ``p`` and a key ``j < p`` the factor splits at the reference point ``p``:
+    ``e^{D(j,t)} = e^{D(p-1, t)}·e^{D(j, p)}`` with both exponents <= 0, so the block is a
     matmul of ``r·e^{..}`` and ``k·e^{..}`` that can neither overflow nor lose a term that
     matters (if a factor underflows, so does the product). Diagonal sub-chunks are
     element-wise with exponents masked to -inf before ``exp``.
 
-    Every ``D`` is summed directly from the log decays it spans (prefix / suffix sums inside
-    the chunk, 0/1-mask matmuls otherwise), never as a difference of two cumulative sums: with
+    Every ``D`` is summed directly from the log decays it spans (prefix or suffix sums of the
+    decays, masked to the span), never as a difference of two cumulative sums: with
     per-token decays down to ~-150 such a difference cancels and its fp32 error (~ulp of
     the chunk total) becomes the relative error of terms of order 1.
 
@@ -162,41 +161,45 @@ def wkv6_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.
         return x.reshape(B, n_chunks, L, H, N).transpose(0, 3, 1, 2, 4)
 
     r_c, w_c, k_c, v_c = (to_chunks(x) for x in (r, w, k, v))
-    sub = lambda x: x.reshape(B, H, n_chunks, n_sub, s, N)  # noqa: E731  [.., nC, a, s, N]
-    r_s, w_s, k_s, v_s = (sub(x) for x in (r_c, w_c, k_c, v_c))
+    # sub-chunk view [B, H, nC, a, s, N]: sub-chunk a, position t inside it
+    r_s, w_s, k_s, v_s = (x.reshape(B, H, n_chunks, n_sub, s, N) for x in (r_c, w_c, k_c, v_c))
 
     # ---- inter-sub-chunk blocks: query sub-chunk a (start a·s), keys j < a·s of the chunk
     # D(a·s - 1, t) for t in sub-chunk a: exclusive prefix inside the sub-chunk
     q_exp = _exclusive_cumsum(w_s, axis=4)
     q_til = r_s * jnp.exp(q_exp)                                   # [B, H, nC, a, s, N]
     # D(j, a·s) = Σ_{j<m<a·s} w_m, for every a and every key position j of the chunk
+    # = suffix sum (exclusive) over j of the decays with positions before a·s kept
     start = jnp.arange(n_sub) * s
-    M_key = _strictly_between(jnp.broadcast_to(jnp.arange(L)[None, :], (n_sub, L)),
-                              jnp.broadcast_to(start[:, None], (n_sub, L)), L)  # [a, j, m]
-    k_exp = jnp.einsum("ajm,bhcmn->bhcajn", M_key, w_c, precision=_EXACT)
     key_before = (jnp.arange(L)[None, :] < start[:, None])[None, None, None, :, :, None]
+    w_before = jnp.where(key_before, w_c[:, :, :, None], 0.0)      # [B, H, nC, a, L, N]
+    k_exp = _exclusive_cumsum(w_before, axis=4, reverse=True)
     # mask before exp: a masked exponent may be anything, its factor must be exactly 0
     k_til = k_c[:, :, :, None] * jnp.exp(jnp.where(key_before, k_exp, -jnp.inf))
-    A_inter = jnp.einsum("bhcatn,bhcajn->bhcatj", q_til, k_til)     # [B, H, nC, a, s, L]
-    y = jnp.einsum("bhcatj,bhcjn->bhcatn", A_inter, v_c)
+    A_inter = jnp.einsum("bhcatn,bhcajn->bhcatj", q_til, k_til,
+                         precision=_PRECISION)                     # [B, H, nC, a, s, L]
+    y = jnp.einsum("bhcatj,bhcjn->bhcatn", A_inter, v_c, precision=_PRECISION)
 
     # ---- diagonal sub-chunks: D(j, t) for j < t inside the sub-chunk, element-wise
+    # = suffix sum (exclusive) over j of the decays with positions before t kept
     pos = jnp.arange(s)
-    M_diag = _strictly_between(jnp.broadcast_to(pos[None, :], (s, s)),
-                               jnp.broadcast_to(pos[:, None], (s, s)), s)  # [t, j, m]
-    d_exp = jnp.einsum("tjm,bhcamn->bhcatjn", M_diag, w_s, precision=_EXACT)
-    causal = (pos[None, :] < pos[:, None])[None, None, None, None, :, :, None]
-    A_diag = jnp.einsum("bhcatn,bhcajn,bhcatjn->bhcatj", r_s, k_s,
-                        jnp.exp(jnp.where(causal, d_exp, -jnp.inf)))
-    y = y + jnp.einsum("bhcatj,bhcajn->bhcatn", A_diag, v_s)
+    causal = (pos[None, :] < pos[:, None])[None, None, None, None, :, :, None]  # [t, j]
+    w_before = jnp.where(causal, w_s[:, :, :, :, None], 0.0)       # [B, H, nC, a, t, m, N]
+    d_exp = _exclusive_cumsum(w_before, axis=5, reverse=True)
+    # product and sum written out so XLA fuses exp into the reduction (a 3-operand einsum
+    # materialises the [.., s, s, N] products)
+    A_diag = jnp.sum(r_s[:, :, :, :, :, None] * k_s[:, :, :, :, None]
+                     * jnp.exp(jnp.where(causal, d_exp, -jnp.inf)), axis=-1)
+    y = y + jnp.einsum("bhcatj,bhcajn->bhcatn", A_diag, v_s, precision=_PRECISION)
     # the current token's bonus: (Σ_i r_i u_i k_i)·v_t
     bonus = jnp.sum(r_s * u[None, :, None, None, None, :] * k_s, axis=-1, keepdims=True)
     y = (y + bonus * v_s).reshape(B, H, n_chunks, L, N)
 
     # ---- across chunks: S_end = e^{D(-1, L)} ⊙ S0 + Σ_j (k_j ⊙ e^{D(j, L)}) v_jᵀ
     chunk_decay = jnp.exp(jnp.sum(w_c, axis=3))                     # [B, H, nC, N]
-    k_end = k_c * jnp.exp(jnp.flip(_exclusive_cumsum(jnp.flip(w_c, 3), axis=3), 3))
-    kv_c = jnp.einsum("bhcji,bhcjn->bhcin", k_end, v_c)            # [B, H, nC, N, N]
+    k_end = k_c * jnp.exp(_exclusive_cumsum(w_c, axis=3, reverse=True))
+    kv_c = jnp.einsum("bhcji,bhcjn->bhcin", k_end, v_c,
+                      precision=_PRECISION)                        # [B, H, nC, N, N]
 
     def body(S, x_c):
         decay, kv = x_c
@@ -205,7 +208,7 @@ def wkv6_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.
     xs = (jnp.moveaxis(chunk_decay, 2, 0), jnp.moveaxis(kv_c, 2, 0))
     state, S_before = jax.lax.scan(body, state, xs)                # S_before: [nC, B, H, N, N]
     r_start = r_c * jnp.exp(_exclusive_cumsum(w_c, axis=3))         # r_t ⊙ e^{D(-1, t)}
-    y = y + jnp.einsum("bhcti,cbhin->bhctn", r_start, S_before)
+    y = y + jnp.einsum("bhcti,cbhin->bhctn", r_start, S_before, precision=_PRECISION)
 
     y = y.transpose(0, 2, 3, 1, 4).reshape(B, n_chunks * L, H, N)[:, :T]
     return y.astype(out_dtype), state
@@ -223,22 +226,21 @@ def wkv6_associative(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: 
                      state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Parallel form: inclusive ``lax.associative_scan`` over T. Short sequences only.
 
-    Token t is the segment ``(w_t, k_t v_tᵀ)``; the scan gives the state after each token
-    from zero, the initial state is folded in on the left (it decays by the scanned ``a``),
-    and the state before token t (shifted by one) gives y as in :func:`wkv6_step`.
-    It materialises a [B, T, H, N, N] fp32 state (O(T·N²) memory, several copies during
-    the scan and its gradient); use :func:`wkv6_chunked` for long sequences.
+    Token t is the segment ``(w_t, k_t v_tᵀ)``; the initial state enters as a leading segment
+    ``(0, S0)``, so the T + 1 scanned states are the state before each token followed by the
+    final state, and y follows as in :func:`wkv6_step`. It materialises [B, T + 1, H, N, N]
+    fp32 states (O(T·N²) memory, several copies during the scan and its gradient) where the
+    other forms keep one per sequence or chunk; use :func:`wkv6_chunked` for long sequences.
     """
     out_dtype = v.dtype
     r, w, k, v, u, S0 = _prepare(r, w, k, v, u, state)
-    kv = k[..., None] * v[..., None, :]                             # [B, T, H, N, N]
-    a, b = jax.lax.associative_scan(_combine, (w, kv), axis=1)
-    # fold the initial state in on the left: (0, S0) ⊕ (a_t, b_t)
-    _, S_after = _combine((jnp.zeros_like(a), S0[:, None]), (a, b))
-    S_prev = jnp.concatenate([S0[:, None], S_after[:, :-1]], axis=1)
+    T = k.shape[1]
+    a = jnp.concatenate([jnp.zeros_like(w[:, :1]), w], axis=1)
+    b = jnp.concatenate([S0[:, None], k[..., None] * v[..., None, :]], axis=1)
+    _, S = jax.lax.associative_scan(_combine, (a, b), axis=1)      # [B, T + 1, H, N, N]
     bonus = jnp.sum(r * u[None, None] * k, axis=-1, keepdims=True)
-    y = bonus * v + jnp.einsum("bthi,bthij->bthj", r, S_prev)
-    return y.astype(out_dtype), S_after[:, -1]
+    y = bonus * v + jnp.einsum("bthi,bthij->bthj", r, S[:, :T], precision=_PRECISION)
+    return y.astype(out_dtype), S[:, T]
 
 
 _FORMS = {WkvImpl.SCAN: wkv6_scan, WkvImpl.CHUNKED: wkv6_chunked,
