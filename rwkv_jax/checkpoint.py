@@ -159,6 +159,31 @@ def infer_config(tensors: Mapping[str, Any], **overrides: Any) -> RWKVConfig:
     ffn_key = tensors.get("blocks.0.ffn.key.weight")
     if ffn_key is not None:
         fields["ffn_dim"] = int(ffn_key.shape[0])
+
+    def shape(key, axis):
+        t = tensors.get(key)
+        return None if t is None or len(t.shape) <= axis else int(t.shape[axis])
+
+    att = "blocks.0.att."
+    if version == "5.1":  # per-head decay [H]
+        n_head = shape(att + "time_decay", 0)
+        fields["head_size"] = C // n_head if n_head else None
+    elif version in ("5.2", "6"):  # time_faaaa [H, N]
+        fields["head_size"] = shape(att + "time_faaaa", 1)
+    elif version == "7":  # r_k [H, N]
+        fields["head_size"] = shape(att + "r_k", 1)
+    if version == "6":
+        d_mix = shape(att + "time_maa_w1", 1)
+        fields.update(d_mix=d_mix // 5 if d_mix else None,
+                      d_decay=shape(att + "time_decay_w1", 1))
+    if version == "7":
+        last = f"blocks.{fields['n_layer'] - 1}.att."  # layer 0 may lack v1/v2
+        fields.update(d_decay=shape(att + "w1", 1), d_aaa=shape(att + "a1", 1),
+                      d_gate=shape(att + "g1", 1), d_mv=shape(last + "v1", 1) or 32)
+    missing = sorted(k for k, v in fields.items() if v is None)
+    if missing:
+        raise CheckpointError(f"not a complete RWKV-{version} checkpoint: cannot infer "
+                              f"{', '.join(missing)} from the tensor shapes")
     try:
         return RWKVConfig(**fields).replace(**overrides)
     except ConfigError as e:
@@ -183,6 +208,9 @@ def model_from_tensors(tensors: Mapping[str, Any], **overrides: Any) -> RWKV:
     """
     tensors = to_official_names(tensors)
     cfg = infer_config(tensors, **overrides)
+    if cfg.version == "7":  # layer 0 has no value residual; some checkpoints carry unused ones
+        tensors = {k: v for k, v in tensors.items()
+                   if not re.match(r"blocks\.0\.att\.v[012]$", k)}
     abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     expected = {_key(p): v for p, v in nnx.to_flat_state(params)}

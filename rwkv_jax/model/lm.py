@@ -22,13 +22,17 @@ from flax import nnx
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model.layers import F32, LayerNorm, Linear, host_rng, orthogonal
 from rwkv_jax.model.rwkv4 import ChannelMix4, TimeMix4
+from rwkv_jax.model.rwkv5 import TimeMix5
+from rwkv_jax.model.rwkv6 import ChannelMix6, TimeMix6
+from rwkv_jax.model.rwkv7 import ChannelMix7, TimeMix7
 
 
 class LayerState(NamedTuple):
     """One layer's recurrent state, all float32.
 
     att_x_prev: [B, C] last ``ln1`` output (time-mix token shift).
-    wkv: the version's WKV state (RWKV-4: ``Wkv4State``; v5+: [B, H, N, N]).
+    wkv: the version's WKV state (RWKV-4: ``Wkv4State``; v5/v6: [B, H, N, N] indexed
+      [key, value]; v7: [B, H, N, N] indexed [value, key], as the official package keeps them).
     ffn_x_prev: [B, C] last ``ln2`` output (channel-mix token shift).
     """
 
@@ -39,8 +43,14 @@ class LayerState(NamedTuple):
 
 RWKVState = tuple[LayerState, ...]
 
-# version -> (time-mix class, channel-mix class); later versions register here.
-MIXERS: dict[str, tuple[type, type]] = {"4": (TimeMix4, ChannelMix4)}
+# version -> (time-mix class, channel-mix class)
+MIXERS: dict[str, tuple[type, type]] = {
+    "4": (TimeMix4, ChannelMix4),
+    "5.1": (TimeMix5, ChannelMix4),
+    "5.2": (TimeMix5, ChannelMix4),
+    "6": (TimeMix6, ChannelMix6),
+    "7": (TimeMix7, ChannelMix7),
+}
 
 
 class Embedding(nnx.Module):

@@ -85,7 +85,8 @@ class ChannelMix4(nnx.Module):
         _, r10, ddd = _ratios(cfg, layer_id)
         self.time_mix_k = mix_vector(ddd ** r10, pd)
         self.time_mix_r = mix_vector(ddd ** r10, pd)
-        self.key = _linear(cfg, rngs, C, F, _gain(F, C))
+        # v4neo scales by sqrt(out/in); RWKV-5 uses gain 1
+        self.key = _linear(cfg, rngs, C, F, _gain(F, C) if cfg.version == "4" else 1.0)
         self.receptance = _linear(cfg, rngs, C, C, 0.0)
         self.value = _linear(cfg, rngs, F, C, 0.0)
 
