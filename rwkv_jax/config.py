@@ -34,8 +34,10 @@ class RWKVConfig:
       head_size: N for v5+ (H = C/N heads); ignored by v4.
       ln_eps: LayerNorm eps (1e-5 in every official model).
       ln_x_eps: GroupNorm eps of v5+ ``ln_x`` (official 64e-5; the tiny v5 fixtures use 1e-5).
-      d_mix, d_decay: RWKV-6 LoRA ranks (time_maa_w1/w2 and time_decay_w1/w2).
-      d_decay, d_aaa, d_mv, d_gate: RWKV-7 LoRA ranks (w, a, v, g).
+      d_mix, d_decay: RWKV-6 LoRA ranks (time_maa_w1/w2 and time_decay_w1/w2);
+        ``None`` = official x060 values 32 and 64.
+      d_decay, d_aaa, d_mv, d_gate: RWKV-7 LoRA ranks (w, a, v, g); ``None`` = the x070
+        formulas of :func:`rwkv7_lora_ranks` (64, 64, 32, 128 at C=768).
       param_dtype: dtype the parameters are stored in.
       compute_dtype: dtype of the matmuls; LayerNorms, WKV recurrences and the state
         always run in float32, logits are float32.
@@ -51,11 +53,11 @@ class RWKVConfig:
     head_size: int = 64
     ln_eps: float = 1e-5
     ln_x_eps: float = 64e-5
-    d_mix: int = 32
-    d_decay: int = 64
-    d_aaa: int = 64
-    d_mv: int = 32
-    d_gate: int = 128
+    d_mix: int | None = None
+    d_decay: int | None = None
+    d_aaa: int | None = None
+    d_mv: int | None = None
+    d_gate: int | None = None
     param_dtype: str = "float32"
     compute_dtype: str = "float32"
     wkv_impl: str = "auto"
@@ -64,6 +66,13 @@ class RWKVConfig:
     def __post_init__(self):
         if self.version not in VERSIONS:
             raise ConfigError(f"version: {self.version!r} is not one of {', '.join(VERSIONS)}")
+        if isinstance(self.n_embd, int) and self.n_embd > 0:
+            defaults = dict(zip(("d_decay", "d_aaa", "d_mv", "d_gate"),
+                                rwkv7_lora_ranks(self.n_embd))) if self.version == "7" \
+                else {"d_mix": 32, "d_decay": 64}
+            for name in ("d_mix", "d_decay", "d_aaa", "d_mv", "d_gate"):
+                if getattr(self, name) is None:  # frozen: fill derived defaults once
+                    object.__setattr__(self, name, defaults.get(name, 32))
         for name in ("vocab_size", "n_layer", "n_embd", "head_size", "d_mix", "d_decay",
                      "d_aaa", "d_mv", "d_gate"):
             value = getattr(self, name)
@@ -138,7 +147,18 @@ class RWKVConfig:
         return cls(**{**PRESETS[name], **changes})
 
 
-# Official sizes. RWKV-4 Pile: 20B tokenizer, V=50277 (reference §2.3).
+def rwkv7_lora_ranks(n_embd: int) -> tuple[int, int, int, int]:
+    """RWKV-7 (w, a, v, g) LoRA ranks of the x070 code: ``max(32, round(k·√C/32)·32)`` with
+    k = 1.8, 1.8, 1.3 and ``0.6·C^0.8`` for g (Python's round). C=768 -> (64, 64, 32, 128),
+    C=2048 -> (96, 96, 64, 256) as the released 0.1B and 1.5B models."""
+    def r(x):
+        return max(32, round(x / 32) * 32)
+    s = n_embd ** 0.5
+    return r(1.8 * s), r(1.8 * s), r(1.3 * s), r(0.6 * n_embd ** 0.8)
+
+
+# Official sizes. RWKV-4 Pile: 20B tokenizer, V=50277 (reference §2.3). v5/v6/v7 World
+# models: V=65536, head size 64; v7 Pile models: V=50304.
 PRESETS: dict[str, dict[str, Any]] = {
     "rwkv4-169m": dict(version="4", vocab_size=50277, n_layer=12, n_embd=768),
     "rwkv4-430m": dict(version="4", vocab_size=50277, n_layer=24, n_embd=1024),
@@ -146,4 +166,17 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rwkv4-3b": dict(version="4", vocab_size=50277, n_layer=32, n_embd=2560),
     "rwkv4-7b": dict(version="4", vocab_size=50277, n_layer=32, n_embd=4096),
     "rwkv4-14b": dict(version="4", vocab_size=50277, n_layer=40, n_embd=5120),
+    "rwkv5-0.4b": dict(version="5.2", vocab_size=65536, n_layer=24, n_embd=1024),
+    "rwkv5-1b5": dict(version="5.2", vocab_size=65536, n_layer=24, n_embd=2048),
+    "rwkv5-3b": dict(version="5.2", vocab_size=65536, n_layer=32, n_embd=2560),
+    "rwkv5-7b": dict(version="5.2", vocab_size=65536, n_layer=32, n_embd=4096),
+    "rwkv6-1b6": dict(version="6", vocab_size=65536, n_layer=24, n_embd=2048),
+    "rwkv6-3b": dict(version="6", vocab_size=65536, n_layer=32, n_embd=2560),
+    "rwkv6-7b": dict(version="6", vocab_size=65536, n_layer=32, n_embd=4096),
+    "rwkv7-0.1b": dict(version="7", vocab_size=65536, n_layer=12, n_embd=768),
+    "rwkv7-0.4b": dict(version="7", vocab_size=65536, n_layer=24, n_embd=1024, d_gate=128),
+    "rwkv7-1b5": dict(version="7", vocab_size=65536, n_layer=24, n_embd=2048),
+    "rwkv7-2b9": dict(version="7", vocab_size=65536, n_layer=32, n_embd=2560),
+    "rwkv7-7b": dict(version="7", vocab_size=65536, n_layer=32, n_embd=4096),
+    "rwkv7-pile-0.1b": dict(version="7", vocab_size=50304, n_layer=12, n_embd=768),
 }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from flax import nnx
 
 import rwkv_jax
 from rwkv_jax import CheckpointError, RWKVConfig
-from rwkv_jax.checkpoint import (infer_config, model_tensors, read_tensors, to_hf_names,
+from rwkv_jax.checkpoint import (model_tensors, read_tensors, to_hf_names,
                                  to_official_names)
 from rwkv_jax.io.pth import write_pth
 

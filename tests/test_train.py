@@ -228,7 +228,7 @@ def test_bf16_compute_trains(tmp_path):
                "checkpoint.every=30")
     Trainer(cfg).fit()
     losses = _losses(cfg.out_dir)
-    assert np.isfinite([l for _, l in losses]).all()
+    assert np.isfinite([loss for _, loss in losses]).all()
     assert losses[-1][1] < losses[0][1]
     params = jax.tree.leaves(Trainer(cfg).params)
     assert all(p.dtype == jnp.float32 for p in params)  # fp32 master weights
@@ -246,7 +246,7 @@ def test_raising_max_steps_continues(tmp_path):
 def test_grad_accumulation_runs(tmp_path):
     a = _cfg(tmp_path / "a", "train.max_steps=2", "train.batch_size=4", "train.grad_accum=2")
     Trainer(a).fit()
-    assert np.isfinite([l for _, l in _losses(a.out_dir)]).all()
+    assert np.isfinite([loss for _, loss in _losses(a.out_dir)]).all()
 
 
 def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
@@ -267,3 +267,8 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
     t3 = Trainer(cfg)
     assert t3.restore_latest() and t3.step == 4
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(t3.params))
+
+
+def test_default_yaml_is_the_builtin_default():
+    """configs/default.yaml documents exactly what `rwkv-jax train` runs with no arguments."""
+    assert load_config(ROOT / "configs" / "default.yaml") == load_config(None)

@@ -40,11 +40,13 @@ def ln_x(cfg: RWKVConfig, layer_id: int) -> LayerNorm:
     return norm
 
 
-def wkv_kwargs(cfg: RWKVConfig) -> dict:
+def wkv_kwargs(cfg: RWKVConfig) -> tuple[tuple[str, object], ...]:
+    """Keyword arguments of the WKV op, as a hashable tuple (modules' static attributes
+    must hash: compiled functions are cached on the graph definition)."""
     kw = {"impl": cfg.wkv_impl}
     if cfg.chunk_size is not None:
         kw["chunk_size"] = cfg.chunk_size
-    return kw
+    return tuple(kw.items())
 
 
 def heads(x: jax.Array, n_head: int) -> jax.Array:
@@ -102,7 +104,7 @@ class TimeMix5(nnx.Module):
             N = C // H
             w = jnp.broadcast_to(-jnp.exp(self.time_decay[...].astype(F32))[:, None], (H, N))
             u = jnp.broadcast_to(jnp.exp(self.time_first[...].astype(F32))[:, None], (H, N))
-        y, state = wkv6(r, w, k, v, u, state, **self.wkv_kwargs)
+        y, state = wkv6(r, w, k, v, u, state, **dict(self.wkv_kwargs))
         y = group_norm(y.reshape(B, T, C), self.ln_x.weight[...], self.ln_x.bias[...], H,
                        self.ln_x.eps)
         if self.gated:

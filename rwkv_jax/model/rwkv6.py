@@ -73,7 +73,8 @@ class TimeMix6(nnx.Module):
         w_raw = vec(self.time_decay) + jnp.tanh(xw @ self.time_decay_w1[...].astype(F32)) \
             @ self.time_decay_w2[...].astype(F32)
         w = heads(-jnp.exp(w_raw), H)                                         # log decay
-        y, state = wkv6(r, w, k, v, self.time_faaaa[...].astype(F32), state, **self.wkv_kwargs)
+        u = self.time_faaaa[...].astype(F32)
+        y, state = wkv6(r, w, k, v, u, state, **dict(self.wkv_kwargs))
         y = group_norm(y.reshape(B, T, C), self.ln_x.weight[...], self.ln_x.bias[...], H,
                        self.ln_x.eps)
         return self.output(y * g), x[:, -1], state, v_first

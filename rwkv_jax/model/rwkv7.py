@@ -11,7 +11,8 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import F32, group_norm, host_rng, mix_vector, orthogonal, token_shift, vec
+from rwkv_jax.model.layers import (F32, group_norm, host_rng, mix_vector, orthogonal,
+                                   token_shift, vec)
 from rwkv_jax.model.rwkv4 import _ratios
 from rwkv_jax.model.rwkv5 import heads, linear, ln_x, wkv_kwargs
 from rwkv_jax.ops.wkv7 import wkv7
@@ -91,7 +92,8 @@ class TimeMix7(nnx.Module):
         else:
             v = v + (v_first - v) * jax.nn.sigmoid(vec(self.v0) + (xv @ p(self.v1)) @ p(self.v2))
         r_h, k_h, v_h, a_h = heads(r, H), heads(k, H), heads(v, H), heads(a, H)
-        y, state = wkv7(r_h, heads(w, H), k_h, v_h, -kk, kk * a_h, state, **self.wkv_kwargs)
+        y, state = wkv7(r_h, heads(w, H), k_h, v_h, -kk, kk * a_h, state,
+                        **dict(self.wkv_kwargs))
         y = group_norm(y.reshape(B, T, C), self.ln_x.weight[...], self.ln_x.bias[...], H,
                        self.ln_x.eps)
         bonus = jnp.sum(r_h * k_h * p(self.r_k)[None, None], axis=-1, keepdims=True) * v_h

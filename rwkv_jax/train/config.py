@@ -57,18 +57,18 @@ class ScheduleConfig:
     then "cosine" or "exponential" decay from ``lr`` to ``lr_final``, or "constant"."""
 
     kind: str = "cosine"
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     warmup_start: float = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    max_steps: int = 1200
+    max_steps: int = 500
     batch_size: int = 16
     grad_accum: int = 1
     seed: int = 0
     l2wrap: bool = True
-    eval_every: int = 200
+    eval_every: int = 100
     eval_batches: int = 16
     log_every: int = 10
     sample_tokens: int = 200
@@ -77,7 +77,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 200
+    every: int = 100
     keep: int = 2
 
 

@@ -1,0 +1,36 @@
+"""The console command: help, version, info, clean errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+from rwkv_jax.cli import main
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for name in ("train", "info"):
+        assert name in out
+
+
+def test_console_script_help():
+    proc = subprocess.run([sys.executable, "-m", "rwkv_jax.cli", "--help"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 0 and "train" in proc.stdout
+
+
+def test_info_on_fixture(fixtures_dir, capsys):
+    assert main(["info", str(fixtures_dir / "rwkv7-tiny-834k.pth")]) == 0
+    out = capsys.readouterr().out
+    assert "version        7" in out and "n_layer        12" in out
+
+
+def test_bad_checkpoint_is_a_clean_error(tmp_path, capsys):
+    bad = tmp_path / "x.pth"
+    bad.write_bytes(b"not a checkpoint at all")
+    assert main(["info", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "not an RWKV checkpoint" in err and "Traceback" not in err
