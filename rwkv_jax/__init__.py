@@ -10,9 +10,12 @@ Quick start::
 
 from rwkv_jax.checkpoint import CheckpointError, load, save
 from rwkv_jax.config import ConfigError, RWKVConfig
+from rwkv_jax.generate import Sampling, generate, stream
 from rwkv_jax.model.lm import RWKV, LayerState
 from rwkv_jax.ops.impl import WkvImpl
+from rwkv_jax.state import load_state, save_state
 
 __version__ = "0.1.0"
 __all__ = ["RWKV", "RWKVConfig", "LayerState", "WkvImpl", "load", "save", "CheckpointError",
-           "ConfigError", "__version__"]
+           "ConfigError", "Sampling", "generate", "stream", "load_state", "save_state",
+           "__version__"]

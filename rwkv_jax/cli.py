@@ -45,6 +45,7 @@ command("info", "show the config inferred from a checkpoint")(_info)
 
 def build_parser() -> argparse.ArgumentParser:
     import rwkv_jax.commands  # noqa: F401  (registers the subcommands)
+    import rwkv_jax.commands_infer  # noqa: F401
     parser = argparse.ArgumentParser(
         prog="rwkv-jax",
         description="RWKV language models in JAX/Flax: train, run and convert checkpoints.")

@@ -20,26 +20,39 @@ from flax import nnx
 F32 = jnp.float32
 
 
-def host_rng(rngs: nnx.Rngs) -> np.random.Generator:
+def host_rng(rngs: nnx.Rngs) -> np.random.Generator | None:
     """A numpy generator seeded from the next ``params`` key of ``rngs``.
 
     Initialisation runs on the host in numpy: eager JAX would compile every distinct
     init op, which costs seconds for a model that then never runs those ops again.
     """
     data = jax.random.key_data(rngs.params())
-    if isinstance(data, jax.core.Tracer):  # under nnx.eval_shape only shapes matter
-        return np.random.default_rng(0)
+    if isinstance(data, jax.core.Tracer):  # under nnx.eval_shape only shapes matter:
+        return None                         # initialisers then skip the random draws
+
     return np.random.default_rng(np.asarray(data).ravel())
 
 
-def orthogonal(rng: np.random.Generator, shape: tuple[int, int], gain: float,
+_qr_jit = jax.jit(jnp.linalg.qr)
+
+
+def uniform(rng: np.random.Generator | None, shape, scale: float, dtype) -> jax.Array:
+    """U(-scale, scale) drawn on the host (zeros under ``nnx.eval_shape``)."""
+    if rng is None:
+        return jnp.zeros(shape, dtype)
+    return jnp.asarray(rng.uniform(-scale, scale, shape).astype(np.float32), dtype)
+
+
+def orthogonal(rng: np.random.Generator | None, shape: tuple[int, int], gain: float,
                dtype) -> jax.Array:
     """Orthogonal init of a ``[out, in]`` matrix scaled by ``gain`` (torch ``orthogonal_``)."""
-    if gain == 0:
+    if gain == 0 or rng is None:
         return jnp.zeros(shape, dtype)
     rows, cols = shape
-    a = rng.standard_normal((rows, cols) if rows >= cols else (cols, rows))
-    q, r = np.linalg.qr(a)
+    a = rng.standard_normal((rows, cols) if rows >= cols else (cols, rows)).astype(np.float32)
+    # LAPACK through XLA is ~2x numpy's here for big matrices; small ones skip the compile
+    q, r = _qr_jit(a) if a.size > (1 << 20) else np.linalg.qr(a)
+    q, r = np.asarray(q), np.asarray(r)
     q = q * np.sign(np.diag(r))[None, :]
     q = q if rows >= cols else q.T
     return jnp.asarray((gain * q).astype(np.float32), dtype)

@@ -16,11 +16,10 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import F32, LayerNorm, Linear, host_rng, orthogonal
+from rwkv_jax.model.layers import F32, LayerNorm, Linear, host_rng, orthogonal, uniform
 from rwkv_jax.model.rwkv4 import ChannelMix4, TimeMix4
 from rwkv_jax.model.rwkv5 import TimeMix5
 from rwkv_jax.model.rwkv6 import ChannelMix6, TimeMix6
@@ -58,8 +57,8 @@ class Embedding(nnx.Module):
 
     def __init__(self, cfg: RWKVConfig, *, rngs: nnx.Rngs):
         # v4neo/v5+/v7: uniform ±1e-4 ("SmallInitEmb"; ln0 follows)
-        emb = host_rng(rngs).uniform(-1e-4, 1e-4, (cfg.vocab_size, cfg.n_embd))
-        self.weight = nnx.Param(jnp.asarray(emb.astype(np.float32), cfg.param_jnp_dtype))
+        self.weight = nnx.Param(uniform(host_rng(rngs), (cfg.vocab_size, cfg.n_embd), 1e-4,
+                                        cfg.param_jnp_dtype))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         return jnp.take(self.weight[...], tokens, axis=0).astype(F32)

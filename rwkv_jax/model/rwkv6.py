@@ -9,15 +9,15 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import F32, group_norm, host_rng, mix_vector, token_shift, vec
+from rwkv_jax.model.layers import (F32, group_norm, host_rng, mix_vector, token_shift, uniform,
+                                   vec)
 from rwkv_jax.model.rwkv4 import _ratios
 from rwkv_jax.model.rwkv5 import TimeMix5, heads, linear, ln_x, wkv_kwargs
 from rwkv_jax.ops.wkv6 import wkv6
 
 
 def _uniform(rngs, shape, scale, dtype):
-    return nnx.Param(jnp.asarray(host_rng(rngs).uniform(-scale, scale, shape).astype(np.float32),
-                                 dtype))
+    return nnx.Param(uniform(host_rng(rngs), shape, scale, dtype))
 
 
 class TimeMix6(nnx.Module):
