@@ -69,18 +69,78 @@ def _rename(key: str, table) -> str:
     return key
 
 
+# flash-linear-attention RWKV-7 (its utils/convert_from_rwkv7.py, reference §5.2):
+# layer parts renamed, LoRA x1/x2 stored transposed as lora.0/lora.2 weights, x0 as the
+# lora.2 bias, and [1, 1, C] vectors squeezed to [C] except attn.x_*.
+_FLA7_PARTS = {"ln0": "pre_norm", "ln1": "attn_norm", "ln2": "ffn_norm", "att": "attn",
+               "ffn": "ffn"}
+_FLA7_PROJ = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "output": "o_proj",
+              "ln_x": "g_norm"}
+_FLA7_TOP = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
+             "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
+
+
+def _official_to_fla7(key: str, value):
+    if key in _FLA7_TOP:
+        return _FLA7_TOP[key], value
+    _, i, part, name, *rest = key.split(".")
+    transpose = False
+    if m := re.fullmatch(r"([wavg])([012])", name):
+        name = f"{m.group(1)}_lora.lora." + {"0": "2.bias", "1": "0.weight", "2": "2.weight"}[
+            m.group(2)]
+        transpose = m.group(2) != "0"
+    elif part == "att" and name in _FLA7_PROJ:
+        name = _FLA7_PROJ[name]
+    value = np.asarray(value)
+    if transpose:
+        value = value.T
+    elif value.ndim == 3 and value.shape[:2] == (1, 1) and not (part == "att"
+                                                                  and name.startswith("x_")):
+        value = value.reshape(-1)
+    return ".".join(["model.layers", i, _FLA7_PARTS[part], name, *rest]), value
+
+
+def _fla7_to_official(key: str, value):
+    back_top = {v: k for k, v in _FLA7_TOP.items()}
+    if key in back_top:
+        return back_top[key], value
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(\w+)\.(.+)", key)
+    if not m:
+        return key, value
+    i, part, rest = m.groups()
+    part = {v: k for k, v in _FLA7_PARTS.items()}.get(part, part)
+    value = np.asarray(value)
+    if lm := re.fullmatch(r"([wavg])_lora\.lora\.(0\.weight|2\.weight|2\.bias)", rest):
+        n = {"2.bias": "0", "0.weight": "1", "2.weight": "2"}[lm.group(2)]
+        rest = lm.group(1) + n
+        value = value.reshape(1, 1, -1) if n == "0" else value.T
+    else:
+        head, *tail = rest.split(".")
+        rest = ".".join([{v: k for k, v in _FLA7_PROJ.items()}.get(head, head), *tail])
+        if value.ndim == 1 and rest in ("k_k", "k_a", "x_k"):
+            value = value.reshape(1, 1, -1)
+    return f"blocks.{i}.{part}.{rest}", value
+
+
 def to_official_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename Hugging Face keys to the official ones; official keys pass unchanged."""
-    if not any(k.startswith("rwkv.") for k in tensors):
-        return dict(tensors)
-    return {_rename(k, _HF_RWKV4_BACK): v for k, v in tensors.items()}
+    """Rename Hugging Face (RWKV-4) or flash-linear-attention (RWKV-7) keys to the official
+    ones, undoing their layout changes; official keys pass unchanged."""
+    if any(k.startswith("rwkv.") for k in tensors):
+        return {_rename(k, _HF_RWKV4_BACK): v for k, v in tensors.items()}
+    if any(k.startswith("model.layers.") for k in tensors):
+        return dict(_fla7_to_official(k, v) for k, v in tensors.items())
+    return dict(tensors)
 
 
 def to_hf_names(tensors: Mapping[str, Any], version: str) -> dict[str, Any]:
-    """Rename official keys to Hugging Face transformers' names (RWKV-4 only)."""
-    if version != "4":
-        raise CheckpointError(f"Hugging Face names are defined for RWKV-4 only, not {version}")
-    return {_rename(k, _HF_RWKV4): v for k, v in tensors.items()}
+    """Rename official keys to the Hugging Face ecosystem's names: transformers'
+    ``RwkvForCausalLM`` for RWKV-4, flash-linear-attention's for RWKV-7."""
+    if version == "4":
+        return {_rename(k, _HF_RWKV4): v for k, v in tensors.items()}
+    if version == "7":
+        return dict(_official_to_fla7(k, v) for k, v in tensors.items())
+    raise CheckpointError(f"Hugging Face / FLA names are implemented for RWKV-4 and RWKV-7, "
+                          f"not RWKV-{version}")
 
 
 # ---- reading -----------------------------------------------------------------------------

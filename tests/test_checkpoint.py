@@ -186,3 +186,26 @@ def test_saved_pth_loads_in_official_package(tiny4, tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True)
     official = np.load(tmp_path / "official.npy").reshape(len(toks), -1)
     np.testing.assert_allclose(_logits(tiny4)[0], official, atol=1e-4, rtol=0)
+
+
+def test_fla_names_rwkv7_round_trip(fixtures_dir, tmp_path):
+    """flash-linear-attention's RWKV-7 layout (its convert_from_rwkv7.py): renamed parts,
+    transposed LoRA matrices, x0 as the lora.2 bias, squeezed vectors except attn.x_*."""
+    m = rwkv_jax.load(fixtures_dir / "rwkv7-tiny-834k.pth")
+    official = model_tensors(m)
+    fla = to_hf_names(official, "7")
+    assert fla["model.layers.1.attn.w_lora.lora.0.weight"].shape == (32, 64)  # w1.T
+    np.testing.assert_array_equal(fla["model.layers.1.attn.w_lora.lora.0.weight"],
+                                  official["blocks.1.att.w1"].T)
+    np.testing.assert_array_equal(fla["model.layers.1.attn.a_lora.lora.2.bias"],
+                                  official["blocks.1.att.a0"].reshape(-1))
+    assert fla["model.layers.1.attn.x_r"].shape == (1, 1, 64)
+    assert fla["model.layers.1.attn.k_k"].shape == (64,)
+    assert fla["model.layers.1.ffn.x_k"].shape == (64,)
+    assert "model.layers.0.pre_norm.weight" in fla and "lm_head.weight" in fla
+    assert "model.layers.2.attn.g_norm.weight" in fla and "model.layers.2.attn.o_proj.weight" in fla
+    path = rwkv_jax.save(m, tmp_path / "fla.safetensors", names="hf")
+    x = TOKENS[:, :12]
+    np.testing.assert_array_equal(np.asarray(rwkv_jax.load(path)(x)[0]), np.asarray(m(x)[0]))
+    with pytest.raises(CheckpointError, match="RWKV-4 and RWKV-7"):
+        to_hf_names(official, "6")
