@@ -70,4 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m rwkv_jax.cli`: this file runs as __main__, a second copy of the module; the
+    # subcommands register into the imported rwkv_jax.cli, so dispatch through that one
+    from rwkv_jax.cli import main as _main
+    sys.exit(_main())

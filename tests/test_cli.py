@@ -5,21 +5,29 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 from rwkv_jax.cli import main
 
 
+SUBCOMMANDS = ("train", "generate", "eval", "convert", "prepare", "info")
+
+
 def test_help_lists_subcommands(capsys):
     assert main([]) == 0
-    out = capsys.readouterr().out
-    for name in ("train", "info"):
-        assert name in out
+    listing = capsys.readouterr().out.split("COMMAND", 1)[1]
+    for name in SUBCOMMANDS:
+        assert f"\n    {name} " in listing, name
 
 
-def test_console_script_help():
-    proc = subprocess.run([sys.executable, "-m", "rwkv_jax.cli", "--help"], capture_output=True,
-                          text=True)
-    assert proc.returncode == 0 and "train" in proc.stdout
+@pytest.mark.parametrize("module", ["rwkv_jax", "rwkv_jax.cli"])
+def test_python_dash_m_runs_subcommands(module):
+    for name in SUBCOMMANDS:
+        proc = subprocess.run([sys.executable, "-m", module, name, "--help"],
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith(f"usage: rwkv-jax {name}")
 
 
 def test_info_on_fixture(fixtures_dir, capsys):
