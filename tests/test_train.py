@@ -168,7 +168,7 @@ def test_resume_is_exact(tmp_path):
     assert a == b  # bit-identical losses
 
 
-def _train_in_subprocess(cfg, kill_at_save: int | None = None):
+def _train_in_subprocess(cfg, kill_at_save: int | None = None, env_extra: dict | None = None):
     """Run ``Trainer(cfg).fit()`` in a fresh process (production settings: no x64).
 
     ``kill_at_save``: SIGKILL the process inside the save of that step, after orbax has
@@ -188,7 +188,7 @@ def _train_in_subprocess(cfg, kill_at_save: int | None = None):
         Trainer(load_config(None, json.loads({json.dumps(json.dumps(_overrides(cfg)))}))).fit()
     """)
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5", **(env_extra or {})}
     return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           env=env)
 
@@ -208,6 +208,19 @@ def test_kill9_during_checkpoint_save_loses_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed at step 4" in proc.stderr
     assert _losses(cfg.out_dir) == _losses(reference.out_dir)
+
+
+def test_data_parallel_on_8_cpu_devices_matches_one_device(tmp_path):
+    """mesh.data=4 over forced host devices: the batch is sharded, losses match 1 device."""
+    one = _cfg(tmp_path / "one", "train.max_steps=4", "checkpoint.every=4")
+    assert _train_in_subprocess(one).returncode == 0
+    many = _cfg(tmp_path / "many", "train.max_steps=4", "checkpoint.every=4", "mesh.data=4")
+    proc = _train_in_subprocess(
+        many, env_extra={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = _losses(one.out_dir), _losses(many.out_dir)
+    assert [s for s, _ in a] == [s for s, _ in b]
+    np.testing.assert_allclose([x for _, x in b], [x for _, x in a], rtol=2e-5)
 
 
 def _overrides(cfg) -> list[str]:
@@ -272,3 +285,24 @@ def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
 def test_default_yaml_is_the_builtin_default():
     """configs/default.yaml documents exactly what `rwkv-jax train` runs with no arguments."""
     assert load_config(ROOT / "configs" / "default.yaml") == load_config(None)
+
+
+def test_bf16_linear_backward_matches_autodiff():
+    """The bf16 Linear's custom backward (cotangent cast to bf16, fp32 accumulation) agrees
+    with fp32 autodiff to bf16 precision."""
+    from rwkv_jax.model.layers import Linear
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((24, 16)).astype(np.float32)) / 4
+    x = jnp.asarray(rng.standard_normal((3, 5, 16)).astype(np.float32))
+    g = jnp.asarray(rng.standard_normal((3, 5, 24)).astype(np.float32))
+
+    def f(x, w, dtype):
+        lin = Linear(16, 24, init=w, compute_dtype=dtype)
+        return jnp.sum(lin(x).astype(jnp.float32) * g)
+
+    want = jax.grad(f, argnums=(0, 1))(x, w, jnp.float32)
+    got = jax.grad(f, argnums=(0, 1))(x, w, jnp.bfloat16)
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.float32  # fp32 master weights get fp32 gradients
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
+                                   atol=3e-2 * float(jnp.abs(b).max()))

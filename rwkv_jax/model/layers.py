@@ -80,8 +80,49 @@ class Linear(nnx.Module):
             # XLA:CPU sends a one-row bf16 dot to a slow gemv; two rows take the matmul path
             x2 = jnp.pad(x2, ((0, 1), (0, 0)))
         # fp32 accumulation/output: XLA:CPU's bf16-output dot measured ~3x slower
-        y = jnp.einsum("ri,oi->ro", x2, w.astype(cd), preferred_element_type=F32)[:rows]
+        mm = _low_precision_matmul if cd != F32 else _matmul
+        y = mm(x2, w.astype(cd))[:rows]
         return y.reshape(*lead, w.shape[0]).astype(cd)
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [R, in] @ w[out, in].T with float32 accumulation and output."""
+    return jnp.einsum("ri,oi->ro", x, w, preferred_element_type=F32)
+
+
+@jax.custom_vjp
+def _low_precision_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """:func:`_matmul` for bf16/fp16 operands whose backward also runs in that dtype.
+
+    Plain autodiff would pair the float32 cotangent with the bf16 operands, and XLA:CPU runs
+    such mixed dots at the fp32 rate (measured ~4x slower than bf16 on AMX). Casting the
+    cotangent to the operand dtype is what bf16 training does anyway (RWKV-LM trains in bf16);
+    accumulation stays float32.
+    """
+    return _matmul(x, w)
+
+
+_DW_CHUNKS = 8
+
+
+def _lp_fwd(x, w):
+    return _matmul(x, w), (x, w)
+
+
+def _lp_bwd(res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx = jnp.einsum("ro,oi->ri", g, w, preferred_element_type=F32).astype(x.dtype)
+    R = g.shape[0]
+    c = _DW_CHUNKS if R % _DW_CHUNKS == 0 and R >= 64 * _DW_CHUNKS else 1
+    # dW contracts over the long row axis; as a batched dot over row chunks XLA:CPU takes
+    # a faster bf16 path (measured ~1.7x on [4096, 512] x [4096, 2048])
+    dw = jnp.einsum("cro,cri->oi", g.reshape(c, R // c, -1), x.reshape(c, R // c, -1),
+                    preferred_element_type=F32).astype(w.dtype)
+    return dx, dw
+
+
+_low_precision_matmul.defvjp(_lp_fwd, _lp_bwd)
 
 
 class LayerNorm(nnx.Module):
