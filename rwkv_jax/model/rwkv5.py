@@ -55,7 +55,33 @@ def heads(x: jax.Array, n_head: int) -> jax.Array:
     return x.reshape(B, T, n_head, C // n_head)
 
 
-class TimeMix5(nnx.Module):
+class MatrixStateTimeMix(nnx.Module):
+    """What RWKV-5, 6 and 7 time-mix share: r/k/v/output projections with the official
+    init, the per-head GroupNorm ``ln_x`` and a float32 [B, H, N, N] WKV state."""
+
+    def _init_projections(self, cfg: RWKVConfig, layer_id: int, rngs: nnx.Rngs) -> None:
+        C = cfg.n_embd
+        self.receptance = linear(cfg, rngs, C, C, 1.0)
+        self.key = linear(cfg, rngs, C, C, 0.1)
+        self.value = linear(cfg, rngs, C, C, 1.0)
+        self.output = linear(cfg, rngs, C, C, 0.0)
+        self.ln_x = ln_x(cfg, layer_id)
+        self.n_head = cfg.n_head
+        self.wkv_kwargs = wkv_kwargs(cfg)
+
+    def _group_norm(self, y: jax.Array) -> jax.Array:
+        """WKV output [B, T, H, N] -> ``ln_x`` GroupNorm over each head, [B, T, C] float32."""
+        B, T, H, N = y.shape
+        return group_norm(y.reshape(B, T, H * N), self.ln_x.weight[...], self.ln_x.bias[...],
+                          H, self.ln_x.eps)
+
+    @staticmethod
+    def init_state(cfg: RWKVConfig, batch_size: int) -> jax.Array:
+        N = cfg.head_size
+        return jnp.zeros((batch_size, cfg.n_head, N, N), F32)
+
+
+class TimeMix5(MatrixStateTimeMix):
     """RWKV-5 time-mix. Call: ``(x, x_prev [B,C], S [B,H,N,N], v_first)`` ->
     ``(out [B,T,C], x_prev, S, v_first)``; S is float32 in the [key, value] layout."""
 
@@ -77,13 +103,7 @@ class TimeMix5(nnx.Module):
         else:  # 5.1: per-head decay and log-space bonus (pre-release; init by analogy)
             self.time_decay = nnx.Param(jnp.asarray(decay.reshape(H, N).mean(1), F32).astype(pd))
             self.time_first = nnx.Param(jnp.full((H,), math.log(0.3), F32).astype(pd))
-        self.receptance = linear(cfg, rngs, C, C, 1.0)
-        self.key = linear(cfg, rngs, C, C, 0.1)
-        self.value = linear(cfg, rngs, C, C, 1.0)
-        self.output = linear(cfg, rngs, C, C, 0.0)
-        self.ln_x = ln_x(cfg, layer_id)
-        self.n_head = H
-        self.wkv_kwargs = wkv_kwargs(cfg)
+        self._init_projections(cfg, layer_id, rngs)
 
     def __call__(self, x, x_prev, state, v_first=None):
         B, T, C = x.shape
@@ -105,13 +125,7 @@ class TimeMix5(nnx.Module):
             w = jnp.broadcast_to(-jnp.exp(self.time_decay[...].astype(F32))[:, None], (H, N))
             u = jnp.broadcast_to(jnp.exp(self.time_first[...].astype(F32))[:, None], (H, N))
         y, state = wkv6(r, w, k, v, u, state, **dict(self.wkv_kwargs))
-        y = group_norm(y.reshape(B, T, C), self.ln_x.weight[...], self.ln_x.bias[...], H,
-                       self.ln_x.eps)
+        y = self._group_norm(y)
         if self.gated:
             y = y * jax.nn.silu(self.gate(mix(self.time_mix_g)).astype(F32))
         return self.output(y), x[:, -1].astype(F32), state, v_first
-
-    @staticmethod
-    def init_state(cfg: RWKVConfig, batch_size: int) -> jax.Array:
-        N = cfg.head_size
-        return jnp.zeros((batch_size, cfg.n_head, N, N), F32)

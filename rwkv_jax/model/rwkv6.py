@@ -9,10 +9,10 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import (F32, group_norm, host_rng, mix_vector, token_shift, uniform,
+from rwkv_jax.model.layers import (F32, host_rng, mix_vector, token_shift, uniform,
                                    vec)
 from rwkv_jax.model.rwkv4 import _ratios
-from rwkv_jax.model.rwkv5 import TimeMix5, heads, linear, ln_x, wkv_kwargs
+from rwkv_jax.model.rwkv5 import MatrixStateTimeMix, heads, linear
 from rwkv_jax.ops.wkv6 import wkv6
 
 
@@ -20,7 +20,7 @@ def _uniform(rngs, shape, scale, dtype):
     return nnx.Param(uniform(host_rng(rngs), shape, scale, dtype))
 
 
-class TimeMix6(nnx.Module):
+class TimeMix6(MatrixStateTimeMix):
     """RWKV-6 time-mix. Call: ``(x, x_prev [B,C], S [B,H,N,N], v_first)`` ->
     ``(out [B,T,C], x_prev, S, v_first)``; S is float32 in the [key, value] layout."""
 
@@ -42,14 +42,8 @@ class TimeMix6(nnx.Module):
         self.time_decay_w2 = _uniform(rngs, (Dw, C), 0.01, pd)
         faaaa = r01 * (1 - n) + 0.1 * (((np.arange(C) + 1) % 3) - 1)
         self.time_faaaa = nnx.Param(jnp.asarray(faaaa.reshape(H, N), F32).astype(pd))
-        self.receptance = linear(cfg, rngs, C, C, 1.0)
-        self.key = linear(cfg, rngs, C, C, 0.1)
-        self.value = linear(cfg, rngs, C, C, 1.0)
-        self.output = linear(cfg, rngs, C, C, 0.0)
+        self._init_projections(cfg, layer_id, rngs)
         self.gate = linear(cfg, rngs, C, C, 0.1)
-        self.ln_x = ln_x(cfg, layer_id)
-        self.n_head = H
-        self.wkv_kwargs = wkv_kwargs(cfg)
 
     def __call__(self, x, x_prev, state, v_first=None):
         B, T, C = x.shape
@@ -75,11 +69,7 @@ class TimeMix6(nnx.Module):
         w = heads(-jnp.exp(w_raw), H)                                         # log decay
         u = self.time_faaaa[...].astype(F32)
         y, state = wkv6(r, w, k, v, u, state, **dict(self.wkv_kwargs))
-        y = group_norm(y.reshape(B, T, C), self.ln_x.weight[...], self.ln_x.bias[...], H,
-                       self.ln_x.eps)
-        return self.output(y * g), x[:, -1], state, v_first
-
-    init_state = staticmethod(TimeMix5.init_state)
+        return self.output(self._group_norm(y) * g), x[:, -1], state, v_first
 
 
 class ChannelMix6(nnx.Module):

@@ -11,10 +11,10 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import (F32, group_norm, host_rng, mix_vector, orthogonal,
+from rwkv_jax.model.layers import (F32, host_rng, mix_vector, orthogonal,
                                    token_shift, vec)
 from rwkv_jax.model.rwkv4 import _ratios
-from rwkv_jax.model.rwkv5 import heads, linear, ln_x, wkv_kwargs
+from rwkv_jax.model.rwkv5 import MatrixStateTimeMix, heads, linear
 from rwkv_jax.ops.wkv7 import wkv7
 
 # log decay = -exp(-0.5)·sigmoid(w_lin): per-step decay in (e^{-e^{-0.5}} ≈ 0.545, 1)
@@ -30,7 +30,7 @@ def _lora_pair(cfg, rngs, name_rank: int, scale_out: float):
     return x1, x2
 
 
-class TimeMix7(nnx.Module):
+class TimeMix7(MatrixStateTimeMix):
     """RWKV-7 time-mix. Call: ``(x, x_prev [B,C], S [B,H,N,N], v_first)`` ->
     ``(out [B,T,C], x_prev, S, v_first)``; S is float32 in the official [value, key] layout.
     Layer 0 produces ``v_first`` (its values); later layers mix towards it."""
@@ -61,13 +61,7 @@ class TimeMix7(nnx.Module):
         self.k_k = mix_vector(0.71 - 0.1 * linear_c, pd)
         self.k_a = mix_vector(np.full(C, 1.02), pd)
         self.r_k = nnx.Param(jnp.full((H, N), -0.04, F32).astype(pd))
-        self.receptance = linear(cfg, rngs, C, C, 1.0)
-        self.key = linear(cfg, rngs, C, C, 0.1)
-        self.value = linear(cfg, rngs, C, C, 1.0)
-        self.output = linear(cfg, rngs, C, C, 0.0)
-        self.ln_x = ln_x(cfg, layer_id)
-        self.n_head = H
-        self.wkv_kwargs = wkv_kwargs(cfg)
+        self._init_projections(cfg, layer_id, rngs)
 
     def __call__(self, x, x_prev, state, v_first=None):
         B, T, C = x.shape
@@ -94,16 +88,10 @@ class TimeMix7(nnx.Module):
         r_h, k_h, v_h, a_h = heads(r, H), heads(k, H), heads(v, H), heads(a, H)
         y, state = wkv7(r_h, heads(w, H), k_h, v_h, -kk, kk * a_h, state,
                         **dict(self.wkv_kwargs))
-        y = group_norm(y.reshape(B, T, C), self.ln_x.weight[...], self.ln_x.bias[...], H,
-                       self.ln_x.eps)
+        y = self._group_norm(y)
         bonus = jnp.sum(r_h * k_h * p(self.r_k)[None, None], axis=-1, keepdims=True) * v_h
         y = y + bonus.reshape(B, T, C)
         return self.output(y * g), x[:, -1], state, v_first
-
-    @staticmethod
-    def init_state(cfg: RWKVConfig, batch_size: int) -> jax.Array:
-        N = cfg.head_size
-        return jnp.zeros((batch_size, cfg.n_head, N, N), F32)
 
 
 class ChannelMix7(nnx.Module):
