@@ -31,7 +31,8 @@ __all__ = ["CheckpointError", "load", "save", "read_tensors", "infer_config",
 PathLike = str | os.PathLike
 
 # ---- names -------------------------------------------------------------------------------
-# Hugging Face transformers RwkvForCausalLM (RWKV-4) <-> official, per dotted key
+# Hugging Face transformers RwkvForCausalLM (RWKV-4) <-> official, per dotted key; the HF
+# remote-code RWKV-5/6 models use the same prefixes (their time_mix/maa names are official)
 # (reference §2.3: everything but head.weight gains the "rwkv." prefix).
 _HF_RWKV4 = [
     (r"^emb\.", "rwkv.embeddings."),
@@ -123,7 +124,7 @@ def _fla7_to_official(key: str, value):
 
 
 def to_official_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename Hugging Face (RWKV-4) or flash-linear-attention (RWKV-7) keys to the official
+    """Rename Hugging Face (RWKV-4/5/6) or flash-linear-attention (RWKV-7) keys to the official
     ones, undoing their layout changes; official keys pass unchanged."""
     if any(k.startswith("rwkv.") for k in tensors):
         return {_rename(k, _HF_RWKV4_BACK): v for k, v in tensors.items()}
@@ -134,13 +135,13 @@ def to_official_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
 
 def to_hf_names(tensors: Mapping[str, Any], version: str) -> dict[str, Any]:
     """Rename official keys to the Hugging Face ecosystem's names: transformers'
-    ``RwkvForCausalLM`` for RWKV-4, flash-linear-attention's for RWKV-7."""
-    if version == "4":
-        return {_rename(k, _HF_RWKV4): v for k, v in tensors.items()}
+    ``RwkvForCausalLM`` for RWKV-4; the HF remote-code layout of the RWKV-5/6 World models
+    (the official names under ``rwkv.`` / ``attention`` / ``feed_forward`` / ``embeddings`` /
+    ``pre_ln``, reference §4.2; the RWKV-4 ``time_mix_*`` renames match no v5/v6 key);
+    flash-linear-attention's for RWKV-7."""
     if version == "7":
         return dict(_official_to_fla7(k, v) for k, v in tensors.items())
-    raise CheckpointError(f"Hugging Face / FLA names are implemented for RWKV-4 and RWKV-7, "
-                          f"not RWKV-{version}")
+    return {_rename(k, _HF_RWKV4): v for k, v in tensors.items()}
 
 
 # ---- reading -----------------------------------------------------------------------------
@@ -316,7 +317,8 @@ def save(model: RWKV, path: PathLike, *, names: str = "official") -> pathlib.Pat
     """Write the model's parameters to ``path``: ``.safetensors`` or ``.pth`` by suffix.
 
     ``names``: "official" (BlinkDL keys; what the official ``rwkv`` package loads) or "hf"
-    (Hugging Face transformers keys, RWKV-4 ``.safetensors`` only).
+    (Hugging Face names: transformers / HF remote code for RWKV-4/5/6, flash-linear-attention
+    for RWKV-7; see :func:`to_hf_names`).
     """
     path = pathlib.Path(path)
     tensors = model_tensors(model)

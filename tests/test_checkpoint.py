@@ -207,5 +207,17 @@ def test_fla_names_rwkv7_round_trip(fixtures_dir, tmp_path):
     path = rwkv_jax.save(m, tmp_path / "fla.safetensors", names="hf")
     x = TOKENS[:, :12]
     np.testing.assert_array_equal(np.asarray(rwkv_jax.load(path)(x)[0]), np.asarray(m(x)[0]))
-    with pytest.raises(CheckpointError, match="RWKV-4 and RWKV-7"):
-        to_hf_names(official, "6")
+
+
+def test_hf_names_rwkv6_round_trip(fixtures_dir, tmp_path):
+    """HF remote-code RWKV-6 names (reference §4.2): official names under rwkv./attention/
+    feed_forward/embeddings/pre_ln; head.weight unchanged."""
+    m = rwkv_jax.load(fixtures_dir / "rwkv6-tiny-3m.pth")
+    hf = to_hf_names(model_tensors(m), "6")
+    for key in ("rwkv.embeddings.weight", "rwkv.blocks.0.pre_ln.weight", "head.weight",
+                "rwkv.blocks.1.attention.time_maa_w1", "rwkv.blocks.1.attention.ln_x.weight",
+                "rwkv.blocks.1.feed_forward.time_maa_k", "rwkv.ln_out.bias"):
+        assert key in hf, key
+    path = rwkv_jax.save(m, tmp_path / "hf6.safetensors", names="hf")
+    x = TOKENS[:, :12]
+    np.testing.assert_array_equal(np.asarray(rwkv_jax.load(path)(x)[0]), np.asarray(m(x)[0]))
