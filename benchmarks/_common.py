@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from typing import Any, Callable, Sequence
 
@@ -109,3 +110,32 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
         f.write("\n")
+
+
+class Worker:
+    """A benchmark worker subprocess speaking one JSON line per request and per reply.
+
+    Each implementation runs in its own process (its own threads, pinning and environment),
+    so peers measured in one run never share an interpreter.
+    """
+
+    def __init__(self, cmd: Sequence[str], env: dict[str, str]):
+        self.cmd = list(cmd)
+        self.proc = subprocess.Popen(self.cmd, env=env, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.info = None
+
+    def recv(self) -> Any:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker died (exit {self.proc.wait()}): {' '.join(self.cmd)}")
+        return json.loads(line)
+
+    def request(self, **msg: Any) -> Any:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self.recv()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()

@@ -40,7 +40,6 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -260,31 +259,6 @@ def worker_main(args) -> None:
 
 
 # ---- driver -------------------------------------------------------------------------------
-class Worker:
-    """A worker subprocess speaking one JSON line per command."""
-
-    def __init__(self, cmd, env):
-        self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
-        self.info = None
-
-    def recv(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker died (exit {self.proc.wait()}): {' '.join(self.cmd)}")
-        return json.loads(line)
-
-    def call(self, op, variant):
-        self.proc.stdin.write(json.dumps({"op": op, "variant": variant}) + "\n")
-        self.proc.stdin.flush()
-        return self.recv()
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
 def spawn(kind, variants, args, ckpt, V):
     pin = [] if args.no_pin else ["taskset", "-c", ",".join(map(str, range(args.threads)))]
     python = args.official_python if kind == "official" else args.jax_python
@@ -298,7 +272,7 @@ def spawn(kind, variants, args, ckpt, V):
         env["RWKV_JIT_ON"], env["RWKV_CUDA_ON"] = "1", "0"
     elif args.threads == 1:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
-    return Worker(cmd, env)
+    return _common.Worker(cmd, env)
 
 
 def compare(ref, out):
@@ -362,7 +336,7 @@ def main(argv=None):
         w.info = w.recv()["info"]
     print(f"workers ready after {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 
-    checks = {v: workers[owner[v]].call("check", v) for v in impls}
+    checks = {v: workers[owner[v]].request(op="check", variant=v) for v in impls}
     runs = {(v, op): [] for v in impls for op in ("prefill", "decode")}
     order = list(impls)
     for r in range(args.repeats):
@@ -370,7 +344,7 @@ def main(argv=None):
             for op in ("prefill", "decode"):
                 if sum(w for w, _ in runs[(v, op)]) > args.max_op_seconds:
                     continue  # a very slow case gets fewer repeats (see the "reps" column)
-                out = workers[owner[v]].call(op, v)
+                out = workers[owner[v]].request(op=op, variant=v)
                 runs[(v, op)].append((out["wall"], out["cpu"]))
         order = order[1:] + order[:1]  # rotate: no implementation always runs first
         print(f"round {r + 1}/{args.repeats} done at {time.perf_counter() - t_start:.0f} s",

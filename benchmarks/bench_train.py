@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
@@ -266,31 +265,6 @@ def worker_main(args) -> None:
 
 
 # ---- driver -------------------------------------------------------------------------------
-class Worker:
-    """A worker subprocess speaking one JSON line per command."""
-
-    def __init__(self, cmd, env):
-        self.cmd = cmd
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, bufsize=1)
-        self.info = None
-
-    def recv(self):
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"worker died (exit {self.proc.wait()}): {' '.join(self.cmd)}")
-        return json.loads(line)
-
-    def call(self, case):
-        self.proc.stdin.write(json.dumps({"case": case}) + "\n")
-        self.proc.stdin.flush()
-        return self.recv()
-
-    def close(self):
-        self.proc.stdin.close()
-        self.proc.wait()
-
-
 def spawn(kind, variants, args):
     pin = [] if args.no_pin else ["taskset", "-c", ",".join(map(str, range(args.threads)))]
     python = args.hf_python if kind == "hf" else args.jax_python
@@ -305,7 +279,7 @@ def spawn(kind, variants, args):
     env = dict(os.environ)
     if kind == "jax" and args.threads == 1:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
-    return Worker(cmd, env)
+    return _common.Worker(cmd, env)
 
 
 def main(argv=None):
@@ -369,7 +343,7 @@ def main(argv=None):
             if sum(w for w, _ in runs[c]) > args.max_case_seconds:
                 continue  # a very slow case gets fewer repeats (see "steps")
             kind, case = owner[c]
-            out = workers[kind].call(case)
+            out = workers[kind].request(case=case)
             runs[c].append((out["wall"], out["cpu"]))
             losses[c].append(out["loss"])
         order = order[1:] + order[:1]
