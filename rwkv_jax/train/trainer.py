@@ -281,10 +281,10 @@ class Trainer:
                         bar.set_postfix(loss=f"{rec['train_loss']:.3f}",
                                         tok_s=f"{rec['tokens_per_s']:.0f}",
                                         **({"val": f"{rec['val_loss']:.3f}"} if evaluate else {}))
-                    t0, steps_timed = time.perf_counter(), 0
                     if checkpoint:
                         self.save_checkpoint()
-                    t0 = time.perf_counter()
+                    # the next interval's tokens/s excludes evaluation and checkpoint time
+                    t0, steps_timed = time.perf_counter(), 0
                 if bar is not None:
                     bar.update(1)
         if bar is not None:
