@@ -79,6 +79,9 @@ _FLA7_PROJ = {"receptance": "r_proj", "key": "k_proj", "value": "v_proj", "outpu
               "ln_x": "g_norm"}
 _FLA7_TOP = {"emb.weight": "model.embeddings.weight", "ln_out.weight": "model.norm.weight",
              "ln_out.bias": "model.norm.bias", "head.weight": "lm_head.weight"}
+_FLA7_PARTS_BACK = {v: k for k, v in _FLA7_PARTS.items()}
+_FLA7_PROJ_BACK = {v: k for k, v in _FLA7_PROJ.items()}
+_FLA7_TOP_BACK = {v: k for k, v in _FLA7_TOP.items()}
 
 
 def _official_to_fla7(key: str, value):
@@ -102,14 +105,13 @@ def _official_to_fla7(key: str, value):
 
 
 def _fla7_to_official(key: str, value):
-    back_top = {v: k for k, v in _FLA7_TOP.items()}
-    if key in back_top:
-        return back_top[key], value
+    if key in _FLA7_TOP_BACK:
+        return _FLA7_TOP_BACK[key], value
     m = re.fullmatch(r"model\.layers\.(\d+)\.(\w+)\.(.+)", key)
     if not m:
         return key, value
     i, part, rest = m.groups()
-    part = {v: k for k, v in _FLA7_PARTS.items()}.get(part, part)
+    part = _FLA7_PARTS_BACK.get(part, part)
     value = np.asarray(value)
     if lm := re.fullmatch(r"([wavg])_lora\.lora\.(0\.weight|2\.weight|2\.bias)", rest):
         n = {"2.bias": "0", "0.weight": "1", "2.weight": "2"}[lm.group(2)]
@@ -117,7 +119,7 @@ def _fla7_to_official(key: str, value):
         value = value.reshape(1, 1, -1) if n == "0" else value.T
     else:
         head, *tail = rest.split(".")
-        rest = ".".join([{v: k for k, v in _FLA7_PROJ.items()}.get(head, head), *tail])
+        rest = ".".join([_FLA7_PROJ_BACK.get(head, head), *tail])
         if value.ndim == 1 and rest in ("k_k", "k_a", "x_k"):
             value = value.reshape(1, 1, -1)
     return f"blocks.{i}.{part}.{rest}", value
