@@ -92,17 +92,86 @@ def wkv4_step(w: jax.Array, u: jax.Array, k_t: jax.Array, v_t: jax.Array,
 
 def wkv4_scan(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
               state: Wkv4State | None = None) -> tuple[jax.Array, Wkv4State]:
-    """Sequential form: ``lax.scan`` of :func:`wkv4_step` over T. Shapes as the module legend."""
+    """Sequential form: ``lax.scan`` of :func:`wkv4_step` over T. Shapes as the module legend.
+
+    Differentiated by a hand-written reverse scan (:func:`_scan_bwd`) instead of autodiff
+    of the loop body: one fused pass per step, and only the per-step state is kept.
+    """
     out_dtype = v.dtype
     w, u, k, v, state = _prepare(w, u, k, v, state)
+    kt, vt = jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1)  # time-major [T, B, C]
+    y, aa, bb, pp = _scan_core(w, u, kt, vt, *state)
+    return jnp.swapaxes(y, 0, 1).astype(out_dtype), Wkv4State(aa, bb, pp)
+
+
+def _scan_run(w, u, kt, vt, aa, bb, pp):
+    """The forward scan: (y [T,B,C], final state, states before each token [T,B,C] x3)."""
 
     def body(carry, kv_t):
-        y_t, carry = wkv4_step(w, u, kv_t[0], kv_t[1], carry)
-        return carry, y_t
+        y_t, new = wkv4_step(w, u, kv_t[0], kv_t[1], carry)
+        return new, (y_t, *carry)
 
-    kv = (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1))  # time-major [T, B, C]
-    state, y = jax.lax.scan(body, state, kv)
-    return jnp.swapaxes(y, 0, 1).astype(out_dtype), state
+    (aa, bb, pp), (y, aa_prev, bb_prev, pp_prev) = jax.lax.scan(
+        body, Wkv4State(aa, bb, pp), (kt, vt))
+    return y, (aa, bb, pp), (aa_prev, bb_prev, pp_prev)
+
+
+@jax.custom_vjp
+def _scan_core(w, u, kt, vt, aa, bb, pp):
+    """float32 ``w, u`` [B, C], time-major ``kt, vt`` [T, B, C], state fields [B, C] ->
+    ``(y [T, B, C], aa, bb, pp)``."""
+    y, final, _ = _scan_run(w, u, kt, vt, aa, bb, pp)
+    return (y, *final)
+
+
+def _scan_fwd(w, u, kt, vt, aa, bb, pp):
+    y, final, prev = _scan_run(w, u, kt, vt, aa, bb, pp)
+    return (y, *final), (w, u, kt, vt, y, prev, final)
+
+
+def _scan_bwd(res, cot):
+    """Reverse scan for the gradients, in the forward's stabilised frame.
+
+    With ``a_t = aa_t·e^{pp_t}`` (likewise b), the adjoints ``α_t = ∂L/∂a_t`` are carried as
+    ``α̃_t = α_t·e^{pp_t}`` (β̃ likewise), which keeps every factor bounded:
+    ``α̃_{t-1} = g_t·e1/den + e^{w + pp_{t-1} - pp_t}·α̃_t`` with ``den = e1·bb + e2`` as in
+    the output, and ``∂/∂k_t`` of the state update is ``e^{k_t - pp_t}(α̃_t v_t + β̃_t)``.
+    The final state's cotangent enters as ``α̃_T = ḡ_aa``, ``β̃_T = ḡ_bb``; its ``pp`` (a
+    running max, ``pp_t = max(pp_{t-1} + w, k_t)``) carries ``ḡ_pp - ḡ_aa·aa - ḡ_bb·bb``
+    back along the chain of maxima to the k or initial pp it came from.
+    """
+    w, u, kt, vt, y, (aa_prev, bb_prev, pp_prev), (aa_T, bb_T, pp_T) = res
+    gy, g_aa, g_bb, g_pp = cot
+    pp_next = jnp.concatenate([pp_prev[1:], pp_T[None]], axis=0)  # pp_t, the state after t
+
+    def body(carry, xs):
+        alpha, beta, gpp, gw, gu = carry
+        k_t, v_t, y_t, g_t, aa, bb, pp, pp_t = xs
+        q = jnp.maximum(pp, u + k_t)
+        e1 = jnp.exp(pp - q)
+        e2 = jnp.exp(u + k_t - q)
+        gd = g_t / (e1 * bb + e2)
+        g_bonus = gd * e2
+        decay = jnp.exp((pp - pp_t) + w)
+        ek = jnp.exp(k_t - pp_t)
+        from_k = k_t >= pp + w  # which side of pp_t = max(pp + w, k_t) was taken
+        gk = g_bonus * (v_t - y_t) + ek * (alpha * v_t + beta) + jnp.where(from_k, gpp, 0.0)
+        gv = g_bonus + ek * alpha
+        gw = gw + decay * (alpha * aa + beta * bb) + jnp.where(from_k, 0.0, gpp)
+        gu = gu + g_bonus * (v_t - y_t)
+        alpha = gd * e1 + decay * alpha
+        beta = -gd * e1 * y_t + decay * beta
+        return (alpha, beta, jnp.where(from_k, 0.0, gpp), gw, gu), (gk, gv)
+
+    zero = jnp.zeros_like(aa_T)
+    init = (g_aa, g_bb, g_pp - g_aa * aa_T - g_bb * bb_T, zero, zero)
+    (alpha, beta, gpp, gw, gu), (gk, gv) = jax.lax.scan(
+        body, init, (kt, vt, y, gy, aa_prev, bb_prev, pp_prev, pp_next), reverse=True)
+    aa0, bb0 = aa_prev[0], bb_prev[0]
+    return gw, gu, gk, gv, alpha, beta, gpp + alpha * aa0 + beta * bb0
+
+
+_scan_core.defvjp(_scan_fwd, _scan_bwd)
 
 
 def _combine(w):
