@@ -1,11 +1,11 @@
 """Checkpoints in and out: official ``.pth`` (read without torch), ``.safetensors``
-(official or Hugging Face names) and run directories.
+(official, Hugging Face or flash-linear-attention names) and run directories.
 
 The model's NNX parameter paths are the official keys, so conversion is a table of
-renames (Hugging Face <-> official) plus a check that collects every mismatch (unknown,
-missing, wrong shape) into one :class:`CheckpointError`. The whole config is inferred from
-the tensor shapes; what shapes cannot tell (``ln_x_eps``, dtypes, WKV form) comes from
-keyword overrides.
+renames (Hugging Face / flash-linear-attention <-> official) plus a check that collects every
+mismatch (unknown, missing, wrong shape) into one :class:`CheckpointError`. The whole config
+is inferred from the tensor shapes; what shapes cannot tell (``ln_x_eps``, dtypes, WKV form)
+comes from keyword overrides.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from rwkv_jax.io.pth import CheckpointError, read_pth, write_pth
 from rwkv_jax.model.lm import RWKV
 
 __all__ = ["CheckpointError", "load", "save", "read_tensors", "infer_config",
-           "model_from_tensors", "model_tensors", "to_official_names", "to_hf_names"]
+           "model_from_tensors", "model_tensors", "to_official_names", "to_hf_names",
+           "to_fla_names"]
 
 PathLike = str | os.PathLike
 
@@ -125,12 +126,137 @@ def _fla7_to_official(key: str, value):
     return f"blocks.{i}.{part}.{rest}", value
 
 
+# flash-linear-attention RWKV-6 (its utils/convert_from_rwkv6.py and fla/layers/rwkv6.py at
+# commit bc3b101dcb71, reference §4.2). FLA orders the five ddlerp mixes (r, w, k, v, g); the
+# official x060 code orders them (w, k, v, r, g). time_maa_w1 [C, 5*D] becomes
+# x_proj.0.linear.weight [5*D, C] (column blocks re-ordered, then transposed); time_maa_w2
+# [5, D, C] becomes x_proj.2.weight [C, 5*D] (first axis re-ordered, flattened, transposed);
+# the five time_maa_{r,w,k,v,g} [1,1,C] are stacked into x_bias [5, C]; the other
+# [1, 1, C] vectors are squeezed to [C]; time_decay_w1/w2 are stored transposed.
+_FLA6_MIX = "rwkvg"  # FLA's order of the mixes (x_proj output blocks, x_bias rows)
+_OFFICIAL6_MIX = "wkvrg"  # official order (time_maa_w1 column blocks, time_maa_w2 rows)
+_FLA6_PERM = [_OFFICIAL6_MIX.index(c) for c in _FLA6_MIX]  # official block of FLA block n
+_FLA6_PERM_BACK = [_FLA6_MIX.index(c) for c in _OFFICIAL6_MIX]
+# official key after "blocks.N." -> (FLA key after "model.layers.N.", layout transform)
+_FLA6 = {
+    "ln0.weight": ("pre_norm.weight", None), "ln0.bias": ("pre_norm.bias", None),
+    "ln1.weight": ("attn_norm.weight", None), "ln1.bias": ("attn_norm.bias", None),
+    "ln2.weight": ("ffn_norm.weight", None), "ln2.bias": ("ffn_norm.bias", None),
+    "att.time_maa_x": ("attn.x_proj.0.mu", "squeeze"),
+    "att.time_maa_w1": ("attn.x_proj.0.linear.weight", "maa_w1"),
+    "att.time_maa_w2": ("attn.x_proj.2.weight", "maa_w2"),
+    "att.time_decay": ("attn.w_proj.linear.lora.2.bias", "squeeze"),
+    "att.time_decay_w1": ("attn.w_proj.linear.lora.0.weight", "transpose"),
+    "att.time_decay_w2": ("attn.w_proj.linear.lora.2.weight", "transpose"),
+    "att.time_faaaa": ("attn.bonus", None),
+    "att.receptance.weight": ("attn.r_proj.linear.weight", None),
+    "att.key.weight": ("attn.k_proj.linear.weight", None),
+    "att.value.weight": ("attn.v_proj.linear.weight", None),
+    "att.gate.weight": ("attn.g_proj.linear.weight", None),
+    "att.output.weight": ("attn.o_proj.weight", None),
+    "att.ln_x.weight": ("attn.g_norm.weight", None),
+    "att.ln_x.bias": ("attn.g_norm.bias", None),
+    "ffn.time_maa_k": ("ffn.key.mu", "squeeze"),
+    "ffn.time_maa_r": ("ffn.receptance.mu", "squeeze"),
+    "ffn.key.weight": ("ffn.key.linear.weight", None),
+    "ffn.receptance.weight": ("ffn.receptance.linear.weight", None),
+    "ffn.value.weight": ("ffn.value.weight", None),
+}
+_FLA6_BACK = {fla: (official, how) for official, (fla, how) in _FLA6.items()}
+_FLA6_BIAS = "attn.x_bias"  # stack of att.time_maa_{r,w,k,v,g}
+_FLA6_MARK = re.compile(r"model\.layers\.\d+\.attn\.(x_bias$|bonus$|x_proj\.|w_proj\.)")
+
+
+def _fla6_value(value, how: str | None, back: bool):
+    """One tensor's layout change (``back``: FLA -> official). A tensor whose shape the
+    change does not fit passes unchanged, so the model's shape check reports it."""
+    value = np.asarray(value)
+    shape = value.shape
+    if how == "squeeze":  # official [1, 1, C] <-> FLA [C]
+        if back:
+            return value.reshape(1, 1, -1) if value.ndim == 1 else value
+        return value.reshape(-1) if value.ndim == 3 and shape[:2] == (1, 1) else value
+    if how == "transpose":
+        return value.T if value.ndim == 2 else value
+    if how == "maa_w1":  # official [C, 5*D] (blocks w,k,v,r,g) <-> FLA [5*D, C] (r,w,k,v,g)
+        if value.ndim != 2 or shape[0 if back else 1] % 5:
+            return value
+        if back:
+            c, m = shape[1], shape[0]
+            return value.T.reshape(c, 5, m // 5)[:, _FLA6_PERM_BACK].reshape(c, m)
+        c, m = shape
+        return value.reshape(c, 5, m // 5)[:, _FLA6_PERM].reshape(c, m).T
+    if how == "maa_w2":  # official [5, D, C] (w,k,v,r,g) <-> FLA [C, 5*D] (r,w,k,v,g)
+        if back:
+            if value.ndim != 2 or shape[1] % 5:
+                return value
+            c, m = shape
+            return value.T.reshape(5, m // 5, c)[_FLA6_PERM_BACK]
+        if value.ndim != 3 or shape[0] != 5:
+            return value
+        return value[_FLA6_PERM].reshape(-1, shape[2]).T
+    return value
+
+
+def _official_to_fla6(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    mixes: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key in _FLA7_TOP:  # emb / ln_out / head: same names as FLA's RWKV-7
+            out[_FLA7_TOP[key]] = value
+            continue
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", key)
+        if not m:
+            out[key] = value
+            continue
+        i, rest = m.groups()
+        if mix := re.fullmatch(r"att\.time_maa_([rwkvg])", rest):
+            mixes.setdefault(i, {})[mix.group(1)] = value
+        elif rest in _FLA6:
+            name, how = _FLA6[rest]
+            out[f"model.layers.{i}.{name}"] = _fla6_value(value, how, back=False)
+        else:
+            out[key] = value
+    for i, mix in mixes.items():
+        rows = [np.asarray(mix.get(c, ())).reshape(-1) for c in _FLA6_MIX]
+        if len(mix) == 5 and len({r.shape for r in rows}) == 1:
+            out[f"model.layers.{i}.{_FLA6_BIAS}"] = np.stack(rows)
+        else:  # an incomplete or ragged set cannot be stacked: keep the official keys
+            out.update({f"blocks.{i}.att.time_maa_{c}": v for c, v in mix.items()})
+    return out
+
+
+def _fla6_to_official(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tensors.items():
+        if key in _FLA7_TOP_BACK:
+            out[_FLA7_TOP_BACK[key]] = value
+            continue
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", key)
+        if not m:
+            out[key] = value
+            continue
+        i, rest = m.groups()
+        value = np.asarray(value)
+        if rest == _FLA6_BIAS and value.ndim == 2 and len(value) == 5:
+            for c, row in zip(_FLA6_MIX, value):
+                out[f"blocks.{i}.att.time_maa_{c}"] = row.reshape(1, 1, -1)
+        elif rest in _FLA6_BACK:
+            name, how = _FLA6_BACK[rest]
+            out[f"blocks.{i}.{name}"] = _fla6_value(value, how, back=True)
+        else:  # unknown (or a misshapen x_bias): the model check lists it under its own name
+            out[key] = value
+    return out
+
+
 def to_official_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
-    """Rename Hugging Face (RWKV-4/5/6) or flash-linear-attention (RWKV-7) keys to the official
-    ones, undoing their layout changes; official keys pass unchanged."""
+    """Rename Hugging Face (RWKV-4/5/6) or flash-linear-attention (RWKV-6/7) keys to the
+    official ones, undoing their layout changes; official keys pass unchanged."""
     if any(k.startswith("rwkv.") for k in tensors):
         return {_rename(k, _HF_RWKV4_BACK): v for k, v in tensors.items()}
     if any(k.startswith("model.layers.") for k in tensors):
+        if any(_FLA6_MARK.match(k) for k in tensors):
+            return _fla6_to_official(tensors)
         return dict(_fla7_to_official(k, v) for k, v in tensors.items())
     return dict(tensors)
 
@@ -140,10 +266,22 @@ def to_hf_names(tensors: Mapping[str, Any], version: str) -> dict[str, Any]:
     ``RwkvForCausalLM`` for RWKV-4; the HF remote-code layout of the RWKV-5/6 World models
     (the official names under ``rwkv.`` / ``attention`` / ``feed_forward`` / ``embeddings`` /
     ``pre_ln``, reference §4.2; the RWKV-4 ``time_mix_*`` renames match no v5/v6 key);
-    flash-linear-attention's for RWKV-7."""
+    flash-linear-attention's for RWKV-7 (as :func:`to_fla_names`)."""
+    if version == "7":
+        return to_fla_names(tensors, version)
+    return {_rename(k, _HF_RWKV4): v for k, v in tensors.items()}
+
+
+def to_fla_names(tensors: Mapping[str, Any], version: str) -> dict[str, Any]:
+    """Rename official keys to flash-linear-attention's (``fla.models`` RWKV6/RWKV7ForCausalLM,
+    as its ``utils/convert_from_rwkv{6,7}.py`` write them), with its layout changes (re-ordered
+    and transposed LoRA matrices, stacked or squeezed vectors). FLA has only RWKV-6 and -7."""
+    if version == "6":
+        return _official_to_fla6(tensors)
     if version == "7":
         return dict(_official_to_fla7(k, v) for k, v in tensors.items())
-    return {_rename(k, _HF_RWKV4): v for k, v in tensors.items()}
+    raise ValueError(f"flash-linear-attention has no RWKV-{version} layout (only RWKV-6 and "
+                     f"RWKV-7); use names='official' or 'hf'")
 
 
 # ---- reading -----------------------------------------------------------------------------
@@ -298,7 +436,8 @@ def model_from_tensors(tensors: Mapping[str, Any], **overrides: Any) -> RWKV:
 
 
 def load(path: PathLike, **overrides: Any) -> RWKV:
-    """Load an official ``.pth``, a ``.safetensors`` (official or HF names) or a run directory.
+    """Load an official ``.pth``, a ``.safetensors`` (official, HF or FLA names) or a run
+    directory.
 
     ``overrides`` set config fields that shapes cannot tell, e.g. ``ln_x_eps=1e-5``,
     ``compute_dtype="bfloat16"``, ``wkv_impl="associative"``. Unknown names raise.
@@ -318,16 +457,19 @@ def load(path: PathLike, **overrides: Any) -> RWKV:
 def save(model: RWKV, path: PathLike, *, names: str = "official") -> pathlib.Path:
     """Write the model's parameters to ``path``: ``.safetensors`` or ``.pth`` by suffix.
 
-    ``names``: "official" (BlinkDL keys; what the official ``rwkv`` package loads) or "hf"
+    ``names``: "official" (BlinkDL keys; what the official ``rwkv`` package loads), "hf"
     (Hugging Face names: transformers / HF remote code for RWKV-4/5/6, flash-linear-attention
-    for RWKV-7; see :func:`to_hf_names`).
+    for RWKV-7; see :func:`to_hf_names`) or "fla" (flash-linear-attention names, RWKV-6 and
+    RWKV-7 only; see :func:`to_fla_names`). :func:`load` reads all of them back.
     """
     path = pathlib.Path(path)
     tensors = model_tensors(model)
     if names == "hf":
         tensors = to_hf_names(tensors, model.config.version)
+    elif names == "fla":
+        tensors = to_fla_names(tensors, model.config.version)
     elif names != "official":
-        raise ValueError(f"names must be 'official' or 'hf', got {names!r}")
+        raise ValueError(f"names must be 'official', 'hf' or 'fla', got {names!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":

@@ -270,9 +270,10 @@ def _convert_args(p: argparse.ArgumentParser):
     p.add_argument("output", help="OUT.pth, OUT.safetensors, or a run directory (an existing "
                                   "directory or a name without suffix): model.safetensors + "
                                   "config.json [+ tokenizer.json]")
-    p.add_argument("--names", choices=("official", "hf"), default="official",
-                   help="tensor names to write (hf: Hugging Face transformers, RWKV-4 "
-                        ".safetensors only)")
+    p.add_argument("--names", choices=("official", "hf", "fla"), default="official",
+                   help="tensor names to write (hf: Hugging Face transformers RWKV-4, HF "
+                        "remote-code RWKV-5/6, flash-linear-attention RWKV-7; fla: "
+                        "flash-linear-attention RWKV-6/7)")
     p.add_argument("--tokenizer", metavar="bytes|world|PATH",
                    help="tokenizer.json to write into a run directory (default: the input "
                         "run directory's, else by vocab size where it is unambiguous)")

@@ -14,7 +14,7 @@ from flax import nnx
 
 import rwkv_jax
 from rwkv_jax import CheckpointError, RWKVConfig
-from rwkv_jax.checkpoint import (model_tensors, read_tensors, to_hf_names,
+from rwkv_jax.checkpoint import (model_tensors, read_tensors, to_fla_names, to_hf_names,
                                  to_official_names)
 from rwkv_jax.io.pth import write_pth
 
@@ -221,3 +221,138 @@ def test_hf_names_rwkv6_round_trip(fixtures_dir, tmp_path):
     path = rwkv_jax.save(m, tmp_path / "hf6.safetensors", names="hf")
     x = TOKENS[:, :12]
     np.testing.assert_array_equal(np.asarray(rwkv_jax.load(path)(x)[0]), np.asarray(m(x)[0]))
+
+
+# flash-linear-attention RWKV-6 names, as written by fla-org/flash-linear-attention
+# utils/convert_from_rwkv6.py into the modules of fla/layers/rwkv6.py (RWKV6Attention, LerpLinear,
+# DDLerpLinear, LoRA) and fla/models/rwkv6/modeling_rwkv6.py (RWKV6FeedForward, RWKV6Block,
+# RWKV6Model, RWKV6ForCausalLM), commit bc3b101dcb71.
+_FLA6_LAYER_KEYS = {  # key after "model.layers.N." -> shape for C=128, D_mix=32, D_decay=64
+    "attn_norm.weight": (128,), "attn_norm.bias": (128,),
+    "attn.x_proj.0.mu": (128,),                      # time_maa_x.view(-1)
+    "attn.x_proj.0.linear.weight": (160, 128),       # time_maa_w1 re-ordered, transposed
+    "attn.x_proj.2.weight": (128, 160),              # time_maa_w2 re-ordered, flattened, .t()
+    "attn.x_bias": (5, 128),                         # stack(maa_r, maa_w, maa_k, maa_v, maa_g)
+    "attn.r_proj.linear.weight": (128, 128), "attn.k_proj.linear.weight": (128, 128),
+    "attn.v_proj.linear.weight": (128, 128), "attn.g_proj.linear.weight": (128, 128),
+    "attn.w_proj.linear.lora.0.weight": (64, 128),   # time_decay_w1.t()
+    "attn.w_proj.linear.lora.2.weight": (128, 64),   # time_decay_w2.t()
+    "attn.w_proj.linear.lora.2.bias": (128,),        # time_decay.view(-1)
+    "attn.bonus": (16, 8),                           # time_faaaa
+    "attn.g_norm.weight": (128,), "attn.g_norm.bias": (128,),  # ln_x
+    "attn.o_proj.weight": (128, 128),
+    "ffn_norm.weight": (128,), "ffn_norm.bias": (128,),
+    "ffn.key.mu": (128,), "ffn.key.linear.weight": (448, 128),  # time_maa_k, key
+    "ffn.receptance.mu": (128,), "ffn.receptance.linear.weight": (128, 128),
+    "ffn.value.weight": (128, 448),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny6(fixtures_dir):
+    return rwkv_jax.load(fixtures_dir / "rwkv6-tiny-3m.pth")
+
+
+def test_fla_names_rwkv6_round_trip(tiny6, tmp_path):
+    official = model_tensors(tiny6)
+    fla = to_fla_names(official, "6")
+    want = {"model.embeddings.weight": (256, 128), "model.norm.weight": (128,),
+            "model.norm.bias": (128,), "lm_head.weight": (256, 128),
+            "model.layers.0.pre_norm.weight": (128,), "model.layers.0.pre_norm.bias": (128,)}
+    want.update({f"model.layers.{i}.{k}": s for i in range(12) for k, s in
+                 _FLA6_LAYER_KEYS.items()})
+    assert {k: v.shape for k, v in fla.items()} == want
+    a = "model.layers.3.attn."
+    np.testing.assert_array_equal(fla[a + "x_bias"][0], official["blocks.3.att.time_maa_r"].ravel())
+    np.testing.assert_array_equal(fla[a + "x_bias"][1], official["blocks.3.att.time_maa_w"].ravel())
+    np.testing.assert_array_equal(fla[a + "w_proj.linear.lora.0.weight"],
+                                  official["blocks.3.att.time_decay_w1"].T)
+    np.testing.assert_array_equal(fla[a + "w_proj.linear.lora.2.bias"],
+                                  official["blocks.3.att.time_decay"].ravel())
+    np.testing.assert_array_equal(fla[a + "bonus"], official["blocks.3.att.time_faaaa"])
+    np.testing.assert_array_equal(fla["model.layers.3.ffn.key.mu"],
+                                  official["blocks.3.ffn.time_maa_k"].ravel())
+    back = to_official_names(fla)  # exact inverse: keys, shapes, dtypes and values
+    assert back.keys() == official.keys()
+    for k, v in official.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype, k
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+    path = rwkv_jax.save(tiny6, tmp_path / "fla6.safetensors", names="fla")
+    assert set(read_tensors(path)) == set(want)
+    again = rwkv_jax.load(path)
+    assert again.config == tiny6.config
+    x = TOKENS[:, :16]
+    np.testing.assert_array_equal(np.asarray(again(x)[0]), np.asarray(tiny6(x)[0]))
+    with pytest.raises(ValueError, match="RWKV-6 and RWKV-7"):
+        to_fla_names(official, "5.2")
+
+
+def test_fla_names_rwkv6_mix_order():
+    """time_maa_w1 / time_maa_w2 / time_maa_{r,w,k,v,g} land where FLA's converter puts them:
+    ``ww, wk, wv, wr, wg = time_maa_w1.view(C, 5, -1).unbind(-2);
+    cat((wr, ww, wk, wv, wg), -1).t()``, the same for ``time_maa_w2.unbind(0)`` with
+    ``cat(..., 0).t()``, and ``x_bias = stack((maa_r, maa_w, maa_k, maa_v, maa_g))``."""
+    C, D = 3, 2
+    c, d = np.arange(C), np.arange(D)
+    official_order = "wkvrg"  # official x060 unbind order of the five mixes
+    # entry = 100 * official block + 10 * row-within-block + channel: every slice distinct
+    w1 = (100 * np.arange(5)[None, :, None] + 10 * d[None, None, :] + c[:, None, None])
+    w1 = w1.reshape(C, 5 * D).astype(np.float32)                        # [C, 5*D]
+    w2 = (100 * np.arange(5)[:, None, None] + 10 * d[None, :, None]
+          + c[None, None, :]).astype(np.float32)                         # [5, D, C]
+    t = {"blocks.0.att.time_maa_w1": w1, "blocks.0.att.time_maa_w2": w2}
+    t.update({f"blocks.0.att.time_maa_{m}": np.full((1, 1, C), 1000 + i, np.float32)
+              for i, m in enumerate(official_order)})
+    fla = to_fla_names(t, "6")
+    x0 = fla["model.layers.0.attn.x_proj.0.linear.weight"]               # [5*D, C]
+    x2 = fla["model.layers.0.attn.x_proj.2.weight"]                      # [C, 5*D]
+    assert x0.shape == (5 * D, C) and x2.shape == (C, 5 * D)
+    # FLA block n holds mix "rwkvg"[n], i.e. official blocks (r=3, w=0, k=1, v=2, g=4)
+    for n, official_block in enumerate([3, 0, 1, 2, 4]):
+        for dd in range(D):
+            np.testing.assert_array_equal(x0[n * D + dd], 100 * official_block + 10 * dd + c)
+            np.testing.assert_array_equal(x2[:, n * D + dd], 100 * official_block + 10 * dd + c)
+    np.testing.assert_array_equal(fla["model.layers.0.attn.x_bias"][:, 0],
+                                  [1003, 1000, 1001, 1002, 1004])  # r, w, k, v, g
+    back = to_official_names(fla)
+    assert back.keys() == t.keys()
+    for k, v in t.items():
+        np.testing.assert_array_equal(back[k], v, err_msg=k)
+
+    # and the renamed tensors compute the same mixes: FLA's forward (fla/layers/rwkv6.py:
+    # x_proj[0] = LerpLinear(mu), view(..., 5, D), tanh, einsum with x_proj[2].weight
+    # .view(C, 5, -1), + x_bias, unbind -> r, w, k, v, g) vs the official ddlerp (§4.1)
+    rng = np.random.default_rng(0)
+    C, D, T = 8, 4, 5
+    t = {"blocks.0.att.time_maa_w1": rng.normal(size=(C, 5 * D)),
+         "blocks.0.att.time_maa_w2": rng.normal(size=(5, D, C)),
+         "blocks.0.att.time_maa_x": rng.normal(size=(1, 1, C))}
+    t.update({f"blocks.0.att.time_maa_{m}": rng.normal(size=(1, 1, C)) for m in official_order})
+    x, dx = rng.normal(size=(T, C)), rng.normal(size=(T, C))
+    xxx = x + dx * t["blocks.0.att.time_maa_x"][0]
+    mix = np.einsum("tfd,fdc->tfc", np.tanh(xxx @ t["blocks.0.att.time_maa_w1"]).reshape(T, 5, D),
+                    t["blocks.0.att.time_maa_w2"])
+    official_mixes = {m: x + dx * (t[f"blocks.0.att.time_maa_{m}"][0] + mix[:, f])
+                      for f, m in enumerate(official_order)}
+    fla = {k.removeprefix("model.layers.0.attn."): v for k, v in to_fla_names(t, "6").items()}
+    h = np.tanh(((x + dx * fla["x_proj.0.mu"]) @ fla["x_proj.0.linear.weight"].T).reshape(T, 5, D))
+    h = np.einsum("tnr,hnr->tnh", h, fla["x_proj.2.weight"].reshape(C, 5, D)) + fla["x_bias"]
+    for n, m in enumerate("rwkvg"):
+        np.testing.assert_allclose(x + dx * h[:, n], official_mixes[m], rtol=1e-12, err_msg=m)
+
+
+def test_fla_names_rwkv6_mismatches_listed_at_once(tiny6, tmp_path):
+    from safetensors.numpy import save_file
+    fla = to_fla_names(model_tensors(tiny6), "6")
+    del fla["model.layers.1.attn.bonus"]
+    fla["model.layers.2.attn.surprise"] = np.zeros(3, np.float32)
+    fla["model.layers.4.attn.w_proj.linear.lora.2.bias"] = np.zeros(7, np.float32)
+    path = tmp_path / "bad.safetensors"
+    save_file(fla, str(path))
+    with pytest.raises(CheckpointError) as e:
+        rwkv_jax.load(path)
+    msg = str(e.value)
+    assert "unknown keys: model.layers.2.attn.surprise" in msg
+    assert "missing keys: blocks.1.att.time_faaaa" in msg
+    assert "blocks.4.att.time_decay: shape (1, 1, 7), expected (1, 1, 128)" in msg
