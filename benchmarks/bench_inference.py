@@ -61,6 +61,14 @@ LABELS = {
     "bf16": "rwkv_jax compute bf16 (fp32 params)",
     "bf16w": "rwkv_jax bf16 params + compute",
 }
+# Ceilings measured by each worker in its own library, same run: what one core can do.
+# name -> (description, calls per timed repetition); shapes in CEILING_SHAPES.
+CEILINGS = {
+    "gemm": ("fp32 GEMM [1024,768] x [3072,768]^T (prefill's FFN key), GFLOP/s", 4),
+    "gemv": ("fp32 gemv of the [50277,768] head (154 MB, weights streamed from DRAM), GB/s", 4),
+}
+CEILING_SHAPES = {"gemm": ((1024, 768), (3072, 768), 2 * 1024 * 768 * 3072),
+                  "gemv": ((50277, 768), (768,), 50277 * 768 * 4)}
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -169,6 +177,17 @@ class OfficialRunner:
         return {"logits": self.prefill(variant).float().numpy().tolist(),
                 "decode": self.decode(variant)}
 
+    def ceiling(self, case):
+        """torch's own rates on this core: see :data:`CEILINGS`."""
+        torch = self.torch
+        if not hasattr(self, "_ceil"):
+            self._ceil = {name: (torch.randn(*a), torch.randn(*b)) for name, (a, b, _)
+                          in CEILING_SHAPES.items()}
+        a, b = self._ceil[case]
+        with torch.no_grad():
+            for _ in range(CEILINGS[case][1]):
+                torch.mm(a, b.t()) if b.ndim == 2 else torch.mv(a, b)
+
 
 class JaxRunner:
     """rwkv_jax variants, each a ``jax.jit`` of a pure function of ``(params, tokens, state)``."""
@@ -229,6 +248,22 @@ class JaxRunner:
         return {"logits": np.asarray(self.prefill(variant), np.float32)[0].tolist(),
                 "decode": [int(t[0]) for t in self.decode(variant)]}
 
+    def ceiling(self, case):
+        """XLA's own rates on this core: see :data:`CEILINGS`."""
+        jax, jnp = self.jax, self.jax.numpy
+        if not hasattr(self, "_ceil"):
+            key = jax.random.PRNGKey(0)
+            mm = jax.jit(lambda a, b: jnp.einsum("ri,oi->ro", a, b))
+            mv = jax.jit(lambda a, b: jnp.einsum("oi,i->o", a, b))
+            self._ceil = {name: (mm if len(bs) == 2 else mv, jax.random.normal(key, a_s),
+                                 jax.random.normal(key, bs))
+                          for name, (a_s, bs, _) in CEILING_SHAPES.items()}
+            for f, a, b in self._ceil.values():
+                f(a, b).block_until_ready()
+        f, a, b = self._ceil[case]
+        out = [f(a, b) for _ in range(CEILINGS[case][1])]
+        jax.block_until_ready(out)
+
 
 def worker_main(args) -> None:
     """Serve JSON commands on stdin; replies go to the original stdout, all else to stderr."""
@@ -252,7 +287,8 @@ def worker_main(args) -> None:
         if cmd["op"] == "check":
             out = fn(cmd["variant"])
         else:
-            wall, cpu = _common.timed(lambda: fn(cmd["variant"]))
+            arg = cmd["case"] if cmd["op"] == "ceiling" else cmd["variant"]
+            wall, cpu = _common.timed(lambda fn=fn, arg=arg: fn(arg))
             out = {"wall": wall, "cpu": cpu}
         reply.write(json.dumps(out) + "\n")
         reply.flush()
@@ -305,6 +341,8 @@ def main(argv=None):
     p.add_argument("--official-python", default=OFFICIAL_PYTHON)
     p.add_argument("--jax-python", default=sys.executable)
     p.add_argument("--no-pin", action="store_true", help="do not taskset the workers")
+    p.add_argument("--no-ceilings", action="store_true",
+                   help="skip the GEMM/gemv ceiling measurements")
     p.add_argument("--json", help="write all results to this file")
     # internal: worker mode
     p.add_argument("--worker", choices=["official", "jax"], help=argparse.SUPPRESS)
@@ -349,6 +387,13 @@ def main(argv=None):
         order = order[1:] + order[:1]  # rotate: no implementation always runs first
         print(f"round {r + 1}/{args.repeats} done at {time.perf_counter() - t_start:.0f} s",
               file=sys.stderr)
+    ceil = {(name, case): [] for name in workers for case in CEILINGS}
+    if not args.no_ceilings:
+        for _ in range(args.repeats):
+            for name, w in workers.items():
+                for case in CEILINGS:
+                    out = w.request(op="ceiling", case=case)
+                    ceil[(name, case)].append((out["wall"], out["cpu"]))
     for w in workers.values():
         w.close()
 
@@ -398,8 +443,24 @@ def main(argv=None):
          "cpu util (pre/dec)", "reps", "logit err / greedy agree"], rows))
     print("\nlogit err: max |logit - official| / std(official) on the prefill's last token; "
           f"greedy agree: leading decode tokens equal to the official's (of {args.decode}).")
+    ceilings = {}
+    if not args.no_ceilings:
+        rows = []
+        for name in workers:
+            lib = "torch" if name == "official" else "XLA"
+            for case, (desc, calls) in CEILINGS.items():
+                s_ = _common.summarize(ceil[(name, case)])
+                rate = CEILING_SHAPES[case][2] * calls / s_["min_s"] / 1e9
+                ceilings[f"{name}:{case}"] = rate
+                rows.append([f"{lib}: {desc}", f"{rate:.1f}", f"{s_['cpu_util']:.2f}"])
+        print("\nCeilings, each library on this core in this run (best of the repeats):\n")
+        print(_common.markdown_table(["what", "rate", "cpu util"], rows))
+        if "official" in workers and "jax" in workers:
+            print(f"\nXLA/torch: fp32 GEMM "
+                  f"{ceilings['jax:gemm'] / ceilings['official:gemm']:.2f}x, fp32 weight "
+                  f"streaming {ceilings['jax:gemv'] / ceilings['official:gemv']:.2f}x")
     if args.json:
-        _common.write_json(args.json, {
+        _common.write_json(args.json, {"ceilings": ceilings,
             "shape": {"L": L, "C": C, "V": V}, "args": vars(args), "env": env,
             "workers": {k: {"cmd": w.cmd, "info": w.info} for k, w in workers.items()},
             "results": results})
