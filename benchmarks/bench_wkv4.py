@@ -7,6 +7,10 @@ Forward+backward is ``jax.grad`` of ``sum(y)`` w.r.t. (k, v, w, u).
 
     python benchmarks/bench_wkv4.py                      # B=8, T=512, C=512, fp32
     python benchmarks/bench_wkv4.py --json results.json  # also write the numbers ("-": stdout)
+    python benchmarks/bench_wkv4.py --forms pallas       # the Pallas kernels (GPU: Triton)
+
+The Pallas form is timed only when asked for (``--forms``): on CPU it runs in Pallas'
+interpret mode, which says nothing about the kernel's speed.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax.ops.wkv4 import wkv4, wkv4_associative, wkv4_scan
+from rwkv_jax.ops.wkv4 import wkv4, wkv4_associative, wkv4_pallas, wkv4_scan
 
 FORMS = {
     "scan": wkv4_scan,
     "associative": wkv4_associative,
     "wkv4[auto]": wkv4,
+    "pallas": wkv4_pallas,
 }
+DEFAULT_FORMS = ["scan", "associative", "wkv4[auto]"]
 
 
 def _inputs(B, T, C, dtype, seed=0):
@@ -66,7 +72,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per entry (median)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs, compile included")
-    p.add_argument("--forms", nargs="+", choices=list(FORMS), default=list(FORMS))
+    p.add_argument("--forms", nargs="+", choices=list(FORMS), default=DEFAULT_FORMS)
     p.add_argument("--json", nargs="?", const="-", metavar="PATH",
                    help="write the results as JSON to PATH ('-' or no PATH: stdout)")
     a = p.parse_args(argv)

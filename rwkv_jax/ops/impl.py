@@ -20,7 +20,8 @@ class WkvImpl(str, enum.Enum):
     SCAN: ``lax.scan`` over the per-token step (the oracle; fastest on CPU).
     ASSOCIATIVE: ``lax.associative_scan`` (parallel over time; fast on GPU/TPU for RWKV-4).
     CHUNKED: intra-chunk matmuls plus a scan over chunks (matrix-state versions).
-    PALLAS: fused kernel (GPU/TPU), where one exists.
+    PALLAS: fused Pallas kernel where one exists (RWKV-4: Triton backend on GPU, interpret
+      mode on CPU); never chosen by AUTO until it has been measured on a GPU.
     """
 
     AUTO = "auto"
