@@ -18,14 +18,21 @@ def _train_args(p: argparse.ArgumentParser):
 
 def _train(args) -> int:
     from rwkv_jax.train.config import load_config
-    from rwkv_jax.train.trainer import TrainingDiverged, Trainer
+    from rwkv_jax.train.distributed import initialize_from_env
     cfg = load_config(args.config, args.overrides)  # every config error surfaces before work
+    # several hosts (RWKV_JAX_COORDINATOR/..._NUM_PROCESSES/..._PROCESS_ID): join them before
+    # anything touches a JAX backend
+    initialize_from_env()
+    from rwkv_jax.train.trainer import Trainer, TrainingDiverged
     trainer = Trainer(cfg)
     try:
         metrics = trainer.fit()
     except TrainingDiverged as e:
-        print(f"rwkv-jax train: {e}", file=sys.stderr)
+        if trainer.primary:
+            print(f"rwkv-jax train: {e}", file=sys.stderr)
         return 3
+    if not trainer.primary:  # process 0 reports and samples; the others are done
+        return 0
     print(f"step {trainer.step}: val_loss {metrics['val_loss']:.4f} nats/token, "
           f"val_bpb {metrics['val_bpb']:.4f}; model saved to {trainer.out}/model.safetensors")
     t = cfg.train

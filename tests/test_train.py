@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 import textwrap
@@ -221,6 +222,107 @@ def test_data_parallel_on_8_cpu_devices_matches_one_device(tmp_path):
     a, b = _losses(one.out_dir), _losses(many.out_dir)
     assert [s for s, _ in a] == [s for s, _ in b]
     np.testing.assert_allclose([x for _, x in b], [x for _, x in a], rtol=2e-5)
+
+
+# ---- several processes (hosts) -------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _cli_train(cfg, tmp_path, n_processes: int = 1, devices_per_process: int = 1,
+               timeout: float = 300) -> list[tuple[int, str]]:
+    """Run ``python -m rwkv_jax train <cfg>`` as ``n_processes`` local processes joined by
+    RWKV_JAX_* (each with ``devices_per_process`` CPU devices); [(returncode, stderr)]."""
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5",
+           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+    for k in ("RWKV_JAX_COORDINATOR", "RWKV_JAX_NUM_PROCESSES", "RWKV_JAX_PROCESS_ID",
+              "RWKV_JAX_DISTRIBUTED"):
+        env.pop(k, None)
+    if n_processes > 1:
+        env.update(RWKV_JAX_COORDINATOR=f"127.0.0.1:{_free_port()}",
+                   RWKV_JAX_NUM_PROCESSES=str(n_processes))
+    logs = tmp_path / f"logs-{_free_port()}"
+    logs.mkdir(parents=True)
+    procs = []
+    for i in range(n_processes):
+        with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "rwkv_jax", "train", *_overrides(cfg)], stdout=out,
+                stderr=err, env={**env, **({"RWKV_JAX_PROCESS_ID": str(i)} if n_processes > 1
+                                           else {})}))
+    try:
+        codes = [p.wait(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(c, (logs / f"{i}.err").read_text()) for i, c in enumerate(codes)]
+
+
+def test_distributed_env_settings():
+    from rwkv_jax.train.distributed import _settings
+    assert _settings({}) is None and _settings({"RWKV_JAX_DISTRIBUTED": "0"}) is None
+    assert _settings({"RWKV_JAX_DISTRIBUTED": "auto"}) == {}
+    env = {"RWKV_JAX_COORDINATOR": "10.0.0.1:1234", "RWKV_JAX_NUM_PROCESSES": "4",
+           "RWKV_JAX_PROCESS_ID": "3"}
+    assert _settings(env) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4,
+                              "process_id": 3}
+    for bad, message in [
+        ({"RWKV_JAX_PROCESS_ID": None}, "RWKV_JAX_PROCESS_ID is not set"),
+        ({"RWKV_JAX_COORDINATOR": "host"}, "RWKV_JAX_COORDINATOR: 'host' is not of the form"),
+        ({"RWKV_JAX_NUM_PROCESSES": "two"}, "RWKV_JAX_NUM_PROCESSES: expected an integer"),
+        ({"RWKV_JAX_PROCESS_ID": "4"}, r"RWKV_JAX_PROCESS_ID: 4 is not in \[0, "),
+        ({"RWKV_JAX_DISTRIBUTED": "yes"}, "RWKV_JAX_DISTRIBUTED: 'yes' is not one of"),
+    ]:
+        e = {k: v for k, v in {**env, **bad}.items() if v is not None}
+        with pytest.raises(ConfigError, match=message):
+            _settings(e)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_and_resume(tmp_path):
+    """`rwkv-jax train` as 2 local processes x 2 CPU devices (a 4-device mesh over both,
+    joined by RWKV_JAX_COORDINATOR/NUM_PROCESSES/PROCESS_ID): the per-step losses are the
+    1-process run's, process 0 alone writes metrics/logs/export, and a rerun after losing the
+    last checkpoint resumes in both processes and continues exactly."""
+    extra = ("train.max_steps=12", "train.eval_every=6", "checkpoint.every=6")
+    one = _cfg(tmp_path / "one", *extra)
+    [(code, err)] = _cli_train(one, tmp_path)
+    assert code == 0, err[-2000:]
+    two = _cfg(tmp_path / "two", *extra)
+    results = _cli_train(two, tmp_path, n_processes=2, devices_per_process=2)
+    assert [c for c, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "2 processes x 2 devices" in results[0][1]
+    assert "rwkv-jax train" not in results[1][1]  # process 1 logs nothing
+    a, b = _losses(one.out_dir), _losses(two.out_dir)
+    assert [s for s, _ in b] == list(range(1, 13))  # one writer: each step once
+    np.testing.assert_allclose([x for _, x in b], [x for _, x in a], rtol=1e-5)
+    run = pathlib.Path(two.out_dir)
+    assert (run / "config.yaml").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == \
+        ["12", "6"]
+    m1, m2 = rwkv_jax.load(one.out_dir), rwkv_jax.load(two.out_dir)
+    from rwkv_jax.checkpoint import model_tensors
+    t1, t2 = model_tensors(m1), model_tensors(m2)
+    assert t1.keys() == t2.keys()
+    for k in t1:
+        np.testing.assert_allclose(t2[k], t1[k], rtol=1e-3, atol=1e-5, err_msg=k)
+
+    # lose the last checkpoint and the export, as if killed after step 6's save: both
+    # processes restore step 6 and the rerun ends with the same metrics
+    first = _losses(two.out_dir)
+    import shutil
+    shutil.rmtree(run / "checkpoints" / "12")
+    (run / "model.safetensors").unlink()
+    results = _cli_train(two, tmp_path, n_processes=2, devices_per_process=2)
+    assert [c for c, _ in results] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+    assert "resumed at step 6" in results[0][1]
+    assert _losses(two.out_dir) == first
+    assert (run / "model.safetensors").exists()
 
 
 def _overrides(cfg) -> list[str]:

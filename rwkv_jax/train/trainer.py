@@ -6,10 +6,18 @@ save leaves the previous checkpoint as the latest) and, at the end, the exported
 (``model.safetensors`` + ``config.json`` + ``tokenizer.json``) that :func:`rwkv_jax.load`
 reads. Re-running with the same ``out_dir`` resumes from the latest complete checkpoint;
 batches depend only on (seed, step), so the losses continue exactly.
+
+Several processes (hosts; see :mod:`rwkv_jax.train.distributed`) run one data-parallel job
+over a mesh of all their devices: each process samples only its own rows of the (seed, step)
+batch, so the global batch, and the losses, are the single-process ones. Every process takes
+part in each step, evaluation and checkpoint (orbax coordinates the save; ``out_dir`` must be
+on a filesystem all processes share); only process 0 writes logs, metrics, TensorBoard,
+config.yaml and the exported model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -107,12 +115,21 @@ class Trainer:
         self.n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         self.lr = optim.schedule(cfg.optimizer, cfg.schedule, cfg.train.max_steps)
         self.tx = optim.make_optimizer(params, _names(params), model_cfg.version, cfg.optimizer)
+        self.process_index, self.process_count = jax.process_index(), jax.process_count()
+        self.primary = self.process_index == 0  # the one process with side effects
         self.mesh = self._mesh()
         replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        self.params = jax.device_put(params, replicated)
-        self.opt_state = jax.device_put(self.tx.init(self.params), replicated)
+        if self.process_count == 1:
+            self.params = jax.device_put(params, replicated)
+            self.opt_state = jax.device_put(self.tx.init(self.params), replicated)
+        else:  # every process built the same values (same seed); host copies -> global arrays
+            self.params = jax.device_put(jax.device_get(params), replicated)
+            self.opt_state = jax.device_put(jax.device_get(self.tx.init(params)), replicated)
         self.batch_sharding = jax.sharding.NamedSharding(
             self.mesh, jax.sharding.PartitionSpec(None, "data", None))
+        self.eval_sharding = jax.sharding.NamedSharding(
+            self.mesh, jax.sharding.PartitionSpec("data", None))
+        self.host_index, self.host_count = self._host_rows()
         self.step = 0
         self._train_step = jax.jit(self._step_fn, donate_argnums=(0, 1))
         self._eval_step = jax.jit(self._eval_fn)
@@ -123,10 +140,52 @@ class Trainer:
         n = self.cfg.mesh.data
         devices = jax.devices()
         n = len(devices) if n == -1 else n
+        if self.process_count > 1:
+            return self._multiprocess_mesh(n)
         if n > len(devices) or self.cfg.train.batch_size % n:
             raise ValueError(f"mesh.data={n}: needs <= {len(devices)} devices and to divide "
                              f"train.batch_size={self.cfg.train.batch_size}")
         return jax.sharding.Mesh(np.array(devices[:n]), ("data",))
+
+    def _multiprocess_mesh(self, n: int):
+        """``n`` devices, the same number from each process, in process order: process p
+        holds the p-th contiguous block of the batch rows."""
+        p_count, batch = self.process_count, self.cfg.train.batch_size
+        local = jax.local_device_count()
+        if n < p_count or n % p_count or n // p_count > local or batch % n:
+            raise ValueError(f"mesh.data={n}: with {p_count} processes of {local} devices "
+                             f"each, needs a multiple of {p_count} up to {p_count * local} "
+                             f"that divides train.batch_size={batch}")
+        per = n // p_count
+        by_process: dict[int, list] = {}
+        for d in jax.devices():
+            by_process.setdefault(d.process_index, []).append(d)
+        devices = [d for p in sorted(by_process) for d in sorted(by_process[p],
+                                                                 key=lambda d: d.id)[:per]]
+        return jax.sharding.Mesh(np.array(devices), ("data",))
+
+    def _host_rows(self) -> tuple[int, int]:
+        """(host_index, host_count) for :func:`rwkv_jax.data.sample_batch`: this process's
+        devices hold global batch rows ``host_index * B/host_count ..``, a contiguous block."""
+        if self.process_count == 1:
+            return 0, 1
+        batch = self.cfg.train.batch_size
+        shape = (1, batch, self.cfg.data.ctx_len)
+        rows = {idx[1].indices(batch)[:2]
+                for idx in self.batch_sharding.addressable_devices_indices_map(shape).values()}
+        lo, hi = min(r[0] for r in rows), max(r[1] for r in rows)
+        size = hi - lo
+        if (size * self.process_count != batch or lo % size
+                or sum(b - a for a, b in rows) != size):
+            raise RuntimeError(f"process {self.process_index}: batch rows {sorted(rows)} are "
+                               f"not one block of {batch}/{self.process_count}")
+        return lo // size, batch // size
+
+    def _global_batch(self, local: np.ndarray, sharding, batch_axis: int):
+        """The global array of which this process holds rows ``local`` (its block)."""
+        shape = list(local.shape)
+        shape[batch_axis] *= self.host_count
+        return jax.make_array_from_process_local_data(sharding, local, tuple(shape))
 
     def _loss(self, params, x, y):
         model = nnx.merge(self.graphdef, params)
@@ -173,7 +232,10 @@ class Trainer:
             opts = ocp.CheckpointManagerOptions(
                 max_to_keep=self.cfg.checkpoint.keep, create=True,
                 # synchronous: the next step donates the buffers being saved
-                enable_async_checkpointing=False)
+                enable_async_checkpointing=False,
+                # several processes: every one saves/restores its shards, process 0 writes the
+                # metadata and commits the step (orbax barriers between them)
+                multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0))
             self._manager = ocp.CheckpointManager((self.out / "checkpoints").absolute(),
                                                   options=opts)
         return self._manager
@@ -203,12 +265,23 @@ class Trainer:
 
     # ---- evaluation ---------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float]:
-        """Validation loss (nats/token) and bits per byte over the configured eval windows."""
+        """Validation loss (nats/token) and bits per byte over the configured eval windows.
+
+        Several processes: every process reads the same windows and feeds its block of rows
+        of each batch into the one data-parallel evaluation; the sums come back replicated,
+        so every process returns the same numbers (process 0 logs them)."""
         total, count, n_bytes = 0.0, 0.0, 0
         tok = self.batches.tokenizer
         from rwkv_jax.data import count_utf8_bytes
         for x, y, mask in self.batches.eval_batches():
-            s, c = self._eval_step(self.params, jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask))
+            if self.process_count == 1:
+                args = (jnp.asarray(x), jnp.asarray(y), jnp.asarray(mask))
+            else:
+                b = x.shape[0] // self.host_count
+                rows = slice(self.host_index * b, (self.host_index + 1) * b)
+                args = tuple(self._global_batch(a[rows], self.eval_sharding, 0)
+                             for a in (x, y, mask))
+            s, c = self._eval_step(self.params, *args)
             total += float(s)
             count += float(c)
             n_bytes += count_utf8_bytes(np.asarray(y)[np.asarray(mask) > 0], tok)
@@ -217,6 +290,8 @@ class Trainer:
 
     # ---- the loop -----------------------------------------------------------------------------
     def _metrics_file(self):
+        if not self.primary:
+            return contextlib.nullcontext()
         path = self.out / "metrics.jsonl"
         if path.exists():  # drop lines written after the checkpoint we resumed from
             kept = [line for line in path.read_text().splitlines()
@@ -229,13 +304,18 @@ class Trainer:
         would: the schedule still spans max_steps). Returns the last logged metrics."""
         cfg, t = self.cfg, self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.out / "config.yaml")
+        if self.primary:
+            dump_config(cfg, self.out / "config.yaml")
         resumed = self.restore_latest()
-        _log(f"rwkv-jax train: RWKV-{self.model_cfg.version} L{self.model_cfg.n_layer} "
-             f"C{self.model_cfg.n_embd} V{self.model_cfg.vocab_size}, "
-             f"{self.n_params / 1e6:.2f}M parameters, {len(self.batches.train_tokens):,} train / "
-             f"{len(self.batches.val_tokens):,} val tokens, out_dir={self.out}"
-             + (f" (resumed at step {self.step})" if resumed else ""))
+        log = _log if self.primary else (lambda msg: None)
+        log(f"rwkv-jax train: RWKV-{self.model_cfg.version} L{self.model_cfg.n_layer} "
+            f"C{self.model_cfg.n_embd} V{self.model_cfg.vocab_size}, "
+            f"{self.n_params / 1e6:.2f}M parameters, {len(self.batches.train_tokens):,} train / "
+            f"{len(self.batches.val_tokens):,} val tokens, out_dir={self.out}"
+            + (f" (resumed at step {self.step})" if resumed else "")
+            + (f", {self.process_count} processes x "
+               f"{self.mesh.devices.size // self.process_count} devices"
+               if self.process_count > 1 else ""))
         last: dict[str, float] = {}
         tokens_per_step = t.batch_size * t.grad_accum * cfg.data.ctx_len
         writer = self._tensorboard()
@@ -243,9 +323,13 @@ class Trainer:
         with self._metrics_file() as metrics:
             t0, steps_timed = time.perf_counter(), 0
             while self.step < min(t.max_steps, stop_at or t.max_steps):
-                xs, ys = self.batches.train_batch(self.step)
-                xs = jax.device_put(xs, self.batch_sharding)
-                ys = jax.device_put(ys, self.batch_sharding)
+                xs, ys = self.batches.train_batch(self.step, self.host_index, self.host_count)
+                if self.process_count == 1:
+                    xs = jax.device_put(xs, self.batch_sharding)
+                    ys = jax.device_put(ys, self.batch_sharding)
+                else:  # this process's rows -> the global batch, sharded over all processes
+                    xs = self._global_batch(xs, self.batch_sharding, 1)
+                    ys = self._global_batch(ys, self.batch_sharding, 1)
                 lr = np.float32(self.lr(self.step))
                 self.params, self.opt_state, out = self._train_step(
                     self.params, self.opt_state, xs, ys, lr)
@@ -270,8 +354,9 @@ class Trainer:
                            "grad_norm": float(out["grad_norm"])}
                     if evaluate:
                         rec.update(self.evaluate())
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
+                    if metrics is not None:
+                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.flush()
                     if writer is not None:
                         for k, v in rec.items():
                             if k != "step":
@@ -293,18 +378,19 @@ class Trainer:
             return last
         if "val_loss" not in last:
             last.update(self.evaluate())
-        self.export()
+        if self.primary:
+            self.export()
         return last
 
     def _progress(self):
-        if not self.cfg.logging.progress:
+        if not self.cfg.logging.progress or not self.primary:
             return None
         from tqdm import tqdm
         return tqdm(total=self.cfg.train.max_steps, initial=self.step, desc="train",
                     file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
 
     def _tensorboard(self):
-        if not self.cfg.logging.tensorboard:
+        if not self.cfg.logging.tensorboard or not self.primary:
             return None
         try:
             from tensorboardX import SummaryWriter
@@ -314,8 +400,14 @@ class Trainer:
         return SummaryWriter(str(self.out / "tensorboard"))
 
     def model(self) -> RWKV:
-        """The current parameters as a model (float32 parameters)."""
-        return nnx.merge(self.graphdef, self.params)
+        """The current parameters as a model (float32 parameters).
+
+        Several processes: the model holds this process's own (complete, replicated) copy of
+        the parameters on one local device, so it runs without the other processes."""
+        params = self.params
+        if self.process_count > 1:
+            params = jax.tree.map(lambda a: a.addressable_data(0), params)
+        return nnx.merge(self.graphdef, params)
 
     def export(self) -> pathlib.Path:
         """Write model.safetensors + config.json + tokenizer.json for :func:`rwkv_jax.load`."""
