@@ -61,7 +61,10 @@ class Wkv4State(NamedTuple):
         return cls(z, z, jnp.full((batch_size, channels), PP_EMPTY, jnp.float32))
 
 
-def _prepare(w, u, k, v, state):
+def _prepare(w, u, k, v, state, *, cast_kv: bool = True):
+    """Defaults and float32 casts shared by the forms: the empty state for None, ``w, u``
+    broadcast to [B, C]; ``k, v`` cast to float32 unless ``cast_kv`` is False (the Pallas
+    kernels read them in their own dtype)."""
     B, _, C = k.shape
     if state is None:
         state = Wkv4State.zeros(B, C)
@@ -69,14 +72,21 @@ def _prepare(w, u, k, v, state):
     # w, u: [C] -> [B, C], explicit so the ops also run under rank_promotion="raise"
     w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (B, C))
     u = jnp.broadcast_to(jnp.asarray(u, jnp.float32), (B, C))
-    return w, u, k.astype(jnp.float32), v.astype(jnp.float32), state
+    if cast_kv:
+        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    return w, u, k, v, state
+
+
+def _output_weights(u, k_t, pp):
+    """``(e1, e2)``: the weights of the state and of the bonus token in the output, scaled by
+    ``e^-q`` with ``q = max(pp, u + k_t)`` so that both are at most 1."""
+    q = jnp.maximum(pp, u + k_t)
+    return jnp.exp(pp - q), jnp.exp(u + k_t - q)
 
 
 def _output(u, k_t, v_t, aa, bb, pp):
     """wkv_t from the state before token t, stabilised by the running max ``q``."""
-    q = jnp.maximum(pp, u + k_t)
-    e1 = jnp.exp(pp - q)
-    e2 = jnp.exp(u + k_t - q)
+    e1, e2 = _output_weights(u, k_t, pp)
     return (e1 * aa + e2 * v_t) / (e1 * bb + e2)
 
 
@@ -143,18 +153,17 @@ def _bwd_step(w, u, k_t, v_t, y_t, g_t, aa, bb, pp, pp_t, carry):
     t - 1 (with gw, gu accumulated) and ``(gk_t, gv_t)``.
     """
     alpha, beta, gpp, gw, gu = carry
-    q = jnp.maximum(pp, u + k_t)
-    e1 = jnp.exp(pp - q)
-    e2 = jnp.exp(u + k_t - q)
+    e1, e2 = _output_weights(u, k_t, pp)
     gd = g_t / (e1 * bb + e2)
     g_bonus = gd * e2
+    g_bonus_k = g_bonus * (v_t - y_t)  # through the bonus term's e^{u+k_t}: for k_t and u
     decay = jnp.exp((pp - pp_t) + w)
     ek = jnp.exp(k_t - pp_t)
     from_k = k_t >= pp + w  # which side of pp_t = max(pp + w, k_t) was taken
-    gk = g_bonus * (v_t - y_t) + ek * (alpha * v_t + beta) + jnp.where(from_k, gpp, 0.0)
+    gk = g_bonus_k + ek * (alpha * v_t + beta) + jnp.where(from_k, gpp, 0.0)
     gv = g_bonus + ek * alpha
     gw = gw + decay * (alpha * aa + beta * bb) + jnp.where(from_k, 0.0, gpp)
-    gu = gu + g_bonus * (v_t - y_t)
+    gu = gu + g_bonus_k
     alpha = gd * e1 + decay * alpha
     beta = -gd * e1 * y_t + decay * beta
     return (alpha, beta, jnp.where(from_k, 0.0, gpp), gw, gu), gk, gv
@@ -397,11 +406,7 @@ def wkv4_pallas(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
     if interpret is None:
         interpret = jax.default_backend() == "cpu"
     bc = _pallas_block_c(block_c)
-    if state is None:
-        state = Wkv4State.zeros(B, C)
-    aa, bb, pp = (jnp.asarray(s, jnp.float32) for s in state)
-    w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (B, C))
-    u = jnp.broadcast_to(jnp.asarray(u, jnp.float32), (B, C))
+    w, u, k, v, (aa, bb, pp) = _prepare(w, u, k, v, state, cast_kv=False)
     if T == 0:
         return jnp.zeros((B, 0, C), out_dtype), Wkv4State(aa, bb, pp)
     pad = -C % bc
