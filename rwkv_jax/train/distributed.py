@@ -80,9 +80,3 @@ def initialize_from_env(environ: Mapping[str, str] | None = None) -> bool:
         raise ConfigError(f"{AUTO_VAR}=auto: jax.distributed.initialize() found no cluster "
                           f"({e}); set {', '.join(ENV_VARS)} instead") from None
     return True
-
-
-def is_primary() -> bool:
-    """True in the process that writes logs, metrics and exports (process 0)."""
-    import jax
-    return jax.process_index() == 0

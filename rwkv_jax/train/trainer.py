@@ -182,7 +182,10 @@ class Trainer:
         return lo // size, batch // size
 
     def _global_batch(self, local: np.ndarray, sharding, batch_axis: int):
-        """The global array of which this process holds rows ``local`` (its block)."""
+        """The global array of which this process holds rows ``local`` (its block; with one
+        process, all of them)."""
+        if self.process_count == 1:
+            return jax.device_put(local, sharding)
         shape = list(local.shape)
         shape[batch_axis] *= self.host_count
         return jax.make_array_from_process_local_data(sharding, local, tuple(shape))
@@ -323,13 +326,10 @@ class Trainer:
         with self._metrics_file() as metrics:
             t0, steps_timed = time.perf_counter(), 0
             while self.step < min(t.max_steps, stop_at or t.max_steps):
+                # this process's rows -> the global batch, sharded over all processes
                 xs, ys = self.batches.train_batch(self.step, self.host_index, self.host_count)
-                if self.process_count == 1:
-                    xs = jax.device_put(xs, self.batch_sharding)
-                    ys = jax.device_put(ys, self.batch_sharding)
-                else:  # this process's rows -> the global batch, sharded over all processes
-                    xs = self._global_batch(xs, self.batch_sharding, 1)
-                    ys = self._global_batch(ys, self.batch_sharding, 1)
+                xs = self._global_batch(xs, self.batch_sharding, 1)
+                ys = self._global_batch(ys, self.batch_sharding, 1)
                 lr = np.float32(self.lr(self.step))
                 self.params, self.opt_state, out = self._train_step(
                     self.params, self.opt_state, xs, ys, lr)
