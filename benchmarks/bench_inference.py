@@ -62,13 +62,15 @@ LABELS = {
     "bf16w": "rwkv_jax bf16 params + compute",
 }
 # Ceilings measured by each worker in its own library, same run: what one core can do.
-# name -> (description, calls per timed repetition); shapes in CEILING_SHAPES.
+# name -> (description, operand shapes a, b: a @ b.T for a 2-D b, else a @ b; the work per call
+# in FLOP or bytes). Each timed repetition makes CEILING_CALLS calls.
 CEILINGS = {
-    "gemm": ("fp32 GEMM [1024,768] x [3072,768]^T (prefill's FFN key), GFLOP/s", 4),
-    "gemv": ("fp32 gemv of the [50277,768] head (154 MB, weights streamed from DRAM), GB/s", 4),
+    "gemm": ("fp32 GEMM [1024,768] x [3072,768]^T (prefill's FFN key), GFLOP/s",
+             (1024, 768), (3072, 768), 2 * 1024 * 768 * 3072),
+    "gemv": ("fp32 gemv of the [50277,768] head (154 MB, weights streamed from DRAM), GB/s",
+             (50277, 768), (768,), 50277 * 768 * 4),
 }
-CEILING_SHAPES = {"gemm": ((1024, 768), (3072, 768), 2 * 1024 * 768 * 3072),
-                  "gemv": ((50277, 768), (768,), 50277 * 768 * 4)}
+CEILING_CALLS = 4
 XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -181,11 +183,11 @@ class OfficialRunner:
         """torch's own rates on this core: see :data:`CEILINGS`."""
         torch = self.torch
         if not hasattr(self, "_ceil"):
-            self._ceil = {name: (torch.randn(*a), torch.randn(*b)) for name, (a, b, _)
-                          in CEILING_SHAPES.items()}
+            self._ceil = {name: (torch.randn(*a), torch.randn(*b)) for name, (_, a, b, _)
+                          in CEILINGS.items()}
         a, b = self._ceil[case]
         with torch.no_grad():
-            for _ in range(CEILINGS[case][1]):
+            for _ in range(CEILING_CALLS):
                 torch.mm(a, b.t()) if b.ndim == 2 else torch.mv(a, b)
 
 
@@ -257,11 +259,11 @@ class JaxRunner:
             mv = jax.jit(lambda a, b: jnp.einsum("oi,i->o", a, b))
             self._ceil = {name: (mm if len(bs) == 2 else mv, jax.random.normal(key, a_s),
                                  jax.random.normal(key, bs))
-                          for name, (a_s, bs, _) in CEILING_SHAPES.items()}
+                          for name, (_, a_s, bs, _) in CEILINGS.items()}
             for f, a, b in self._ceil.values():
                 f(a, b).block_until_ready()
         f, a, b = self._ceil[case]
-        out = [f(a, b) for _ in range(CEILINGS[case][1])]
+        out = [f(a, b) for _ in range(CEILING_CALLS)]
         jax.block_until_ready(out)
 
 
@@ -448,9 +450,9 @@ def main(argv=None):
         rows = []
         for name in workers:
             lib = "torch" if name == "official" else "XLA"
-            for case, (desc, calls) in CEILINGS.items():
+            for case, (desc, _, _, work) in CEILINGS.items():
                 s_ = _common.summarize(ceil[(name, case)])
-                rate = CEILING_SHAPES[case][2] * calls / s_["min_s"] / 1e9
+                rate = work * CEILING_CALLS / s_["min_s"] / 1e9
                 ceilings[f"{name}:{case}"] = rate
                 rows.append([f"{lib}: {desc}", f"{rate:.1f}", f"{s_['cpu_util']:.2f}"])
         print("\nCeilings, each library on this core in this run (best of the repeats):\n")
