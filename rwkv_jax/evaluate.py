@@ -12,9 +12,10 @@
   vocabularies, as the demos do; byte and char models get no prefix (byte 0 is NUL, not a
   separator), which the ``prefix`` argument overrides.
 
-The window and LAMBADA functions are jitted pure functions of the split model, cached per
-model structure; the last text window is padded to ``ctx_len`` (masked out of the sums) and
-LAMBADA batches are right-padded to power-of-two lengths, so few shapes are ever compiled.
+The window and LAMBADA functions are jitted pure functions of the model's arrays
+(:func:`rwkv_jax.model.functional.split`), cached per model structure; the last text window
+is padded to ``ctx_len`` (masked out of the sums) and LAMBADA batches are right-padded to
+power-of-two lengths, so few shapes are ever compiled.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from collections.abc import Callable, Iterable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from rwkv_jax.model import functional
 
 F32 = jnp.float32
 LN2 = math.log(2.0)
@@ -110,18 +112,19 @@ def _token_scores(logits, targets):
     return tgt, jnp.argmax(logits, axis=-1) == targets
 
 
-@functools.lru_cache(maxsize=16)
-def _fns(graphdef):
-    def window(params, x, y, mask, state):
-        logits, state = nnx.merge(graphdef, params)(x, state)
-        tgt, hit = _token_scores(logits, y)
-        return -jnp.sum(tgt * mask), jnp.sum(hit.astype(F32) * mask), state
+@functools.partial(jax.jit, static_argnums=0)
+def _window(moduledef, values, x, y, mask, state):
+    """Summed NLL and hits of one window [B, T] (masked), and the state after it."""
+    logits, state = moduledef.merge(values).forward(x, state)
+    tgt, hit = _token_scores(logits, y)
+    return -jnp.sum(tgt * mask), jnp.sum(hit.astype(F32) * mask), state
 
-    def batch(params, x, y):
-        logits, _ = nnx.merge(graphdef, params)(x)
-        return _token_scores(logits, y)
 
-    return jax.jit(window), jax.jit(batch)
+@functools.partial(jax.jit, static_argnums=0)
+def _batch(moduledef, values, x, y):
+    """Per-position log p(target) and hits of a batch [B, T] from the empty state."""
+    logits, _ = moduledef.merge(values).forward(x)
+    return _token_scores(logits, y)
 
 
 # ---- text ------------------------------------------------------------------------------------
@@ -139,8 +142,7 @@ def evaluate_tokens(model, tokens, *, ctx_len: int = 1024, tokenizer=None, state
     n = tokens.shape[0] - 1
     if n < 1:
         raise ValueError("need at least 2 tokens to evaluate")
-    graphdef, params = nnx.split(model)
-    window, _ = _fns(graphdef)
+    moduledef, values = functional.split(model)
     state = model.init_state(1) if state is None else state
     W = min(ctx_len, n)
     nll, correct, n_bytes = 0.0, 0.0, 0
@@ -152,8 +154,7 @@ def evaluate_tokens(model, tokens, *, ctx_len: int = 1024, tokenizer=None, state
         mask[:m] = 1.0
         if m < W:  # last window: pad (the padded state is never used again)
             x, y = np.pad(x, (0, W - m)), np.pad(y, (0, W - m))
-        s, c, state = window(params, jnp.asarray(x[None]), jnp.asarray(y[None]),
-                             jnp.asarray(mask[None]), state)
+        s, c, state = _window(moduledef, values, x[None], y[None], mask[None], state)
         nll += float(s)
         correct += float(c)
         n_bytes += (len(tokenizer.decode_bytes(y[:m].tolist())) if tokenizer is not None else m)
@@ -242,8 +243,7 @@ def lambada(model, tokenizer, texts: Iterable[str], *, prefix: Sequence[int] | N
         if not src or not dst:
             raise ValueError(f"document {i}: empty context or target: {text[:60]!r}")
         docs.append((src, dst))
-    graphdef, params = nnx.split(model)
-    _, batch_fn = _fns(graphdef)
+    moduledef, values = functional.split(model)
     order = sorted(range(len(docs)), key=lambda i: len(docs[i][0]) + len(docs[i][1]))
     logp_sum, n_correct, done = 0.0, 0, 0
     for b in range(0, len(order), batch_size):
@@ -255,7 +255,7 @@ def lambada(model, tokenizer, texts: Iterable[str], *, prefix: Sequence[int] | N
         y = np.zeros((B, T), np.int32)
         for r, s in enumerate(seqs):
             x[r, :len(s) - 1], y[r, :len(s) - 1] = s[:-1], s[1:]
-        tgt, hit = batch_fn(params, jnp.asarray(x), jnp.asarray(y))
+        tgt, hit = _batch(moduledef, values, x, y)
         tgt, hit = np.asarray(tgt), np.asarray(hit)
         for r, i in enumerate(idx):
             src, dst = docs[i]

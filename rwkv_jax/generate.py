@@ -1,20 +1,18 @@
-"""Sampling and generation, as ChatRWKV does it, with jitted prefill and decode.
+"""Sampling and generation, as ChatRWKV does it, with batched prefill and decode.
 
-* The model is split once per call (``nnx.split``) and run as ``jax.jit`` of pure functions
-  of ``(params, ...)``; the compiled functions are cached per model structure
-  (:func:`compiled_fns`), so a second ``generate`` call on the same model compiles nothing.
-  (``nnx.jit`` would re-walk the module graph on every decode step, ~ms each.)
-* Prefill runs the prompt in chunks of :data:`PREFILL_CHUNK` tokens, the remainder in
-  pieces of 64, 16, 4 and 1 (:data:`PREFILL_SIZES`; an RWKV state continues exactly), so at
-  most 5 prompt shapes are ever compiled and a remainder takes at most 12 calls. Prompts of
-  different lengths in a batch are prefilled one by one and their states
-  stacked (an RWKV state is exact per row; padding would pollute it).
-* Decoding is one jitted step over fixed shapes; every sampling setting except "greedy or
-  not" is a traced value, so the step compiles once per (model, batch size, greedy) and is
-  reused for every token and every later call.
-* Sampling (ChatRWKV ``sample_logits``): softmax, top-p cut at the first probability whose
-  cumulative sum reaches ``top_p``, optional top-k, then ``probs ** (1/temperature)``;
-  temperature 0 is greedy. Presence/frequency penalties subtract
+* Prefill is the model's own call, ``model(tokens, state, logits_to_keep=1)``: the prompt runs
+  in the fixed chunk lengths of :data:`rwkv_jax.model.lm.PREFILL_SIZES` (the state carried
+  between them, exact for a recurrence), and the head is computed for the last position only.
+  Prompts of equal length prefill together as one batch; a prompt repeated for several
+  samples (``num_samples``) is prefilled once and its state copied.
+* Decoding is one jitted step over every stream at once (:func:`decode_step`): sample, feed
+  the token, keep the last logits. Every sampling setting is a traced per-row value, so the
+  step compiles once per (model, batch size, all-greedy or not) and is reused for every token
+  and every later call. On a CPU a step is bound by reading the weights, so B streams cost
+  little more than one.
+* Sampling (ChatRWKV ``sample_logits``), per stream: softmax, top-p cut at the first
+  probability whose cumulative sum reaches ``top_p``, optional top-k, then
+  ``probs ** (1/temperature)``; temperature 0 is greedy. Presence/frequency penalties subtract
   ``presence + frequency·count`` from the logits of tokens generated so far, and the counts
   decay by ``penalty_decay`` every step (ChatRWKV's chat demo). Banned tokens get -inf.
 * Row ``i`` of a batch samples with seed ``seed + i`` (its randomness depends only on that
@@ -26,24 +24,24 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+
+from rwkv_jax.model import functional
+from rwkv_jax.model.lm import PREFILL_SIZES, check_state
 
 F32 = jnp.float32
-PREFILL_CHUNK = 256  # ChatRWKV's chunk_len
-# Prompt chunk lengths: few compiled shapes, at most 3 calls per smaller size
-PREFILL_SIZES = (PREFILL_CHUNK, 64, 16, 4, 1)
+PREFILL_CHUNK = PREFILL_SIZES[0]
 
 __all__ = [
     "PREFILL_CHUNK",
     "PREFILL_SIZES",
     "Sampling",
-    "compiled_fns",
+    "decode_step",
     "generate",
     "generate_tokens",
     "prefill",
@@ -55,7 +53,7 @@ __all__ = [
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-    """Sampling settings (ChatRWKV defaults where they exist).
+    """Sampling settings of one stream (ChatRWKV defaults where they exist).
 
     temperature: 0 = greedy (argmax); otherwise ``probs ** (1/temperature)`` after the cuts.
     top_p: keep the most probable tokens whose cumulative probability reaches ``top_p``.
@@ -73,12 +71,22 @@ class Sampling:
     banned_tokens: tuple[int, ...] = ()
 
     def __post_init__(self):
+        def finite(name):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                    or not np.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                     "penalty_decay"):
+            finite(name)
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, (int, np.integer)) \
+                or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0 <= self.penalty_decay <= 1:
             raise ValueError(f"penalty_decay must be in [0, 1], got {self.penalty_decay}")
         object.__setattr__(self, "banned_tokens", tuple(int(t) for t in self.banned_tokens))
@@ -88,172 +96,191 @@ class Sampling:
         return self.temperature == 0
 
 
-class _SamplingArrays(NamedTuple):
-    """:class:`Sampling` as traced values (changing them never recompiles)."""
+class SamplingArrays(NamedTuple):
+    """Per-stream :class:`Sampling` values as traced arrays (changing them never recompiles)."""
 
-    temperature: jax.Array   # f32 []
-    top_p: jax.Array         # f32 []
-    top_k: jax.Array         # int32 []
-    presence: jax.Array      # f32 []
-    frequency: jax.Array     # f32 []
-    decay: jax.Array         # f32 []
-    banned: jax.Array        # bool [V]
-
-
-def _sampling_arrays(s: Sampling, vocab_size: int) -> _SamplingArrays:
-    bad = [t for t in s.banned_tokens if not 0 <= t < vocab_size]
-    if bad:
-        raise ValueError(f"banned token ids out of range 0..{vocab_size - 1}: {bad}")
-    banned = np.zeros(vocab_size, bool)
-    banned[list(s.banned_tokens)] = True
-    return _SamplingArrays(
-        jnp.asarray(max(s.temperature, 1e-6), F32), jnp.asarray(s.top_p, F32),
-        jnp.asarray(s.top_k, jnp.int32), jnp.asarray(s.presence_penalty, F32),
-        jnp.asarray(s.frequency_penalty, F32), jnp.asarray(s.penalty_decay, F32),
-        jnp.asarray(banned))
+    temperature: jax.Array   # f32 [B] (0 = greedy)
+    top_p: jax.Array         # f32 [B]
+    top_k: jax.Array         # int32 [B]
+    presence: jax.Array      # f32 [B]
+    frequency: jax.Array     # f32 [B]
+    decay: jax.Array         # f32 [B]
+    banned: jax.Array        # bool [B, V]
 
 
-def _sample(logits: jax.Array, keys: jax.Array, sp: _SamplingArrays, greedy: bool) -> jax.Array:
-    """One token per row of ``logits`` [B, V] f32; row ``b`` draws with ``keys[b]``."""
-    logits = jnp.where(sp.banned[None, :], -jnp.inf, logits.astype(F32))
+def sampling_arrays(samplings: Sequence[Sampling], vocab_size: int) -> SamplingArrays:
+    """Stack one :class:`Sampling` per stream into :class:`SamplingArrays`."""
+    banned = np.zeros((len(samplings), vocab_size), bool)
+    for i, s in enumerate(samplings):
+        bad = [t for t in s.banned_tokens if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"banned token ids out of range 0..{vocab_size - 1}: {bad}")
+        banned[i, list(s.banned_tokens)] = True
+
+    def col(name, dtype=np.float32):
+        return jnp.asarray(np.array([getattr(s, name) for s in samplings], dtype))
+
+    return SamplingArrays(col("temperature"), col("top_p"), col("top_k", np.int32),
+                          col("presence_penalty"), col("frequency_penalty"),
+                          col("penalty_decay"), jnp.asarray(banned))
+
+
+def _sample(logits: jax.Array, keys: jax.Array, sp: SamplingArrays, greedy: bool) -> jax.Array:
+    """One token per row of ``logits`` [B, V] f32; row ``b`` draws with ``keys[b]`` and its
+    own settings; ``greedy`` (static) = every row has temperature 0 (argmax only)."""
+    logits = jnp.where(sp.banned, -jnp.inf, logits.astype(F32))
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return argmax
     V = logits.shape[-1]
     probs = jax.nn.softmax(logits, axis=-1)
-    sorted_p = jnp.sort(probs, axis=-1)[:, ::-1]
+    sorted_p = -jnp.sort(-probs, axis=-1)
     cum = jnp.cumsum(sorted_p, axis=-1)
-    reached = cum >= sp.top_p
+    reached = cum >= sp.top_p[:, None]
     # the probability at which the cumulative sum first reaches top_p: keep all >= it (if
     # rounding keeps the sum below top_p = 1, keep everything)
     idx = jnp.where(reached.any(axis=-1), jnp.argmax(reached, axis=-1), V - 1)
     cutoff = jnp.take_along_axis(sorted_p, idx[:, None], axis=-1)
     probs = jnp.where(probs < cutoff, 0.0, probs)
-    kth = sorted_p[:, jnp.clip(sp.top_k, 1, V) - 1][:, None]
-    probs = jnp.where((sp.top_k > 0) & (probs < kth), 0.0, probs)
+    kth = jnp.take_along_axis(sorted_p, (jnp.clip(sp.top_k, 1, V) - 1)[:, None], axis=-1)
+    probs = jnp.where((sp.top_k[:, None] > 0) & (probs < kth), 0.0, probs)
     # probs ** (1/T), renormalised by categorical: log(probs) / T
-    logp = jnp.log(probs) / sp.temperature
-    return jax.vmap(jax.random.categorical)(keys, logp).astype(jnp.int32)
+    temp = jnp.maximum(sp.temperature, 1e-6)[:, None]
+    drawn = jax.vmap(jax.random.categorical)(keys, jnp.log(probs) / temp).astype(jnp.int32)
+    return jnp.where(sp.temperature == 0, argmax, drawn)
 
 
-def sample_logits(logits: jax.Array, key: jax.Array, s: Sampling) -> jax.Array:
-    """One token id per row from logits [B, V] (float32); greedy when temperature is 0.
+def sample_logits(logits: jax.Array, key: jax.Array, s: Sampling | Sequence[Sampling]) -> jax.Array:
+    """One token id per row from logits [B, V] (float32); greedy where temperature is 0.
 
-    ``key`` is split into one key per row."""
+    ``s``: one :class:`Sampling` for every row, or one per row. ``key`` is split into one key
+    per row."""
     logits = jnp.asarray(logits)
+    samplings = _per_row(s, logits.shape[0])
     keys = jax.random.split(key, logits.shape[0])
-    return _sample(logits, keys, _sampling_arrays(s, logits.shape[-1]), s.greedy)
+    return _sample(logits, keys, sampling_arrays(samplings, logits.shape[-1]),
+                   all(x.greedy for x in samplings))
 
 
-# ---- compiled functions ------------------------------------------------------------------
-class CompiledFns(NamedTuple):
-    """The jitted pure functions for one model structure (see :func:`compiled_fns`)."""
-
-    prefill: Callable   # (params, tokens [B, T], state) -> (last logits [B, V], state)
-    decode: Callable    # (params, logits, state, counts, seeds, step, active, sp, greedy=)
-
-
-@functools.lru_cache(maxsize=16)
-def compiled_fns(graphdef) -> CompiledFns:
-    """Jitted prefill and decode step for models with this ``nnx`` graphdef (cached)."""
-
-    def prefill_fn(params, tokens, state):
-        logits, state = nnx.merge(graphdef, params)(tokens, state)
-        return logits[:, -1], state
-
-    def decode_fn(params, logits, state, counts, seeds, step, active, sp: _SamplingArrays, *,
-                  greedy: bool):
-        """Sample from ``logits`` [B, V] (row b with seed ``seeds[b]``), feed the token; rows
-        not ``active`` keep their state."""
-        penalised = logits - (sp.presence * (counts > 0).astype(F32) + sp.frequency * counts)
-        keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds)
-        tok = _sample(penalised, keys, sp, greedy)
-        counts = counts * sp.decay
-        counts = counts.at[jnp.arange(tok.shape[0]), tok].add(jnp.float32(1.0))
-        new_logits, new_state = nnx.merge(graphdef, params)(tok[:, None], state)
-
-        def keep(new, old):
-            return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-
-        return tok, new_logits[:, -1], jax.tree.map(keep, new_state, state), counts
-
-    return CompiledFns(jax.jit(prefill_fn), jax.jit(decode_fn, static_argnames=("greedy",)))
+def _per_row(s: Sampling | Sequence[Sampling], n: int) -> list[Sampling]:
+    if isinstance(s, Sampling):
+        return [s] * n
+    s = list(s)
+    if len(s) != n or not all(isinstance(x, Sampling) for x in s):
+        raise ValueError(f"sampling: expected one Sampling or a list of {n} (one per stream), "
+                         f"got {len(s)} item(s)")
+    return s
 
 
-def _prefill_chunks(n: int) -> list[int]:
-    """Chunk lengths for a prompt of ``n`` tokens: greedy over :data:`PREFILL_SIZES`."""
-    sizes = []
-    for size in PREFILL_SIZES:
-        sizes += [size] * (n // size)
-        n %= size
-    return sizes
+# ---- compiled step ---------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("moduledef", "greedy"))
+def decode_step(moduledef: functional.ModuleDef, values, logits, state, counts, seeds, step,
+                active, sp: SamplingArrays, *, greedy: bool):
+    """Sample one token per stream from ``logits`` [B, V] (row b with seed ``seeds[b]`` at
+    ``step``), feed it, return ``(tokens [B], next logits [B, V], state, counts)``. Rows not
+    ``active`` keep their state. ``moduledef, values``: :func:`rwkv_jax.model.functional.split`
+    of the model."""
+    penalised = logits - (sp.presence[:, None] * (counts > 0).astype(F32)
+                          + sp.frequency[:, None] * counts)
+    keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds)
+    tok = _sample(penalised, keys, sp, greedy)
+    counts = counts * sp.decay[:, None]
+    counts = counts.at[jnp.arange(tok.shape[0]), tok].add(jnp.float32(1.0))
+    new_logits, new_state = moduledef.merge(values).forward(tok[:, None], state,
+                                                           logits_to_keep=1)
+
+    def keep(new, old):
+        return jnp.where(active.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+
+    return tok, new_logits[:, -1], jax.tree.map(keep, new_state, state), counts
 
 
-def _prefill(fns: CompiledFns, params, model, prompts: Sequence[Sequence[int]], state):
-    rows_logits, rows_state = [], []
-    for i, ids in enumerate(prompts):
-        ids = [int(t) for t in ids]
-        if not ids:
-            raise ValueError("a prompt must contain at least one token")
-        bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
-        if bad:
-            raise ValueError(f"prompt {i}: token ids out of range 0..{model.config.vocab_size - 1}"
-                             f": {bad[:10]}")
-        row = (model.init_state(1) if state is None
-               else jax.tree.map(lambda s, i=i: s[i:i + 1], state))
-        pos = 0
-        for size in _prefill_chunks(len(ids)):
-            logits, row = fns.prefill(params, jnp.asarray([ids[pos:pos + size]], jnp.int32), row)
-            pos += size
-        rows_logits.append(logits)
-        rows_state.append(row)
-    stacked = jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *rows_state)
-    return jnp.concatenate(rows_logits, axis=0), stacked
+# ---- prefill ---------------------------------------------------------------------------------
+def _rows(tree, idx: np.ndarray):
+    """Rows ``idx`` of every leaf, gathered on the host (a device gather would compile once
+    per new batch composition; states are small next to the weights)."""
+    return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)[idx]), tree)
 
 
-def _check_state(model, state, batch: int):
+def _stack_rows(parts: list[tuple[np.ndarray, Any]], n: int):
+    """Trees of rows ``(row indices, tree)`` -> one tree of ``n`` rows in index order."""
+    idx, trees = zip(*parts)
+    order = np.argsort(np.concatenate(idx))
+    return jax.tree.map(lambda *xs: jnp.asarray(np.concatenate([np.asarray(x) for x in xs])[order]),
+                        *trees)
+
+
+def _check_prompt(i: int, ids, vocab_size: int) -> list[int]:
+    ids = [int(t) for t in ids]
+    if not ids:
+        raise ValueError(f"prompt {i}: a prompt must contain at least one token")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt {i}: token ids out of range 0..{vocab_size - 1}: {bad[:10]}")
+    return ids
+
+
+def _batch_state(model, state, batch: int):
+    """``state`` checked for ``batch`` rows; a batch-1 state is repeated for every row."""
     if state is None:
         return None
-    want = model.init_state(batch)
-    got_shapes = jax.tree.map(jnp.shape, state)
-    if jax.tree.structure(state) != jax.tree.structure(want) or got_shapes != jax.tree.map(
-            jnp.shape, want):
-        ref = jax.tree.leaves(state)
-        b = ref[0].shape[0] if ref and getattr(ref[0], "ndim", 0) else None
-        if b == 1 and batch > 1:  # one state for every prompt
-            return jax.tree.map(lambda s: jnp.repeat(s, batch, axis=0), state)
-        raise ValueError(f"state does not fit this model and {batch} prompt(s): expected the "
-                         f"structure of model.init_state({batch})")
+    leaves = jax.tree.leaves(state)
+    if batch > 1 and leaves and np.shape(leaves[0])[0] == 1:
+        state = _rows(state, np.zeros(batch, np.int64))
+    check_state(model.config, state, batch)
     return state
 
 
 def prefill(model, prompts: Sequence[Sequence[int]], state=None):
-    """Run each prompt through the model; returns (last logits [B, V], stacked state).
+    """Run each prompt (token ids) through the model: ``(last logits [B, V], state)``.
 
-    ``state`` (optional) is the batched state to continue from (batch 1 is repeated).
-    """
-    graphdef, params = nnx.split(model)
-    state = _check_state(model, state, len(prompts))
-    return _prefill(compiled_fns(graphdef), params, model, prompts, state)
+    ``state`` (optional) is the batched state to continue from (a batch-1 state serves every
+    prompt). Prompts of one length run together; identical prompts from the same state run
+    once. Exact: each row's result is that of running its prompt alone."""
+    V = model.config.vocab_size
+    prompts = [_check_prompt(i, p, V) for i, p in enumerate(prompts)]
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("no prompts")
+    state = _batch_state(model, state, n)
+    if state is None:  # identical prompts need one prefill (with a state, rows may differ)
+        uniq: dict[tuple[int, ...], int] = {}
+        first = np.array([uniq.setdefault(tuple(p), i) for i, p in enumerate(prompts)])
+        if len(uniq) < n:
+            logits, st = prefill(model, [prompts[i] for i in uniq.values()])
+            where = np.searchsorted(np.array(list(uniq.values())), first)
+            return _rows(logits, where), _rows(st, where)
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p), []).append(i)
+    parts = []
+    for rows in groups.values():
+        idx = np.asarray(rows)
+        tokens = np.asarray([prompts[i] for i in rows], np.int32)
+        st = None if state is None else (state if len(rows) == n else _rows(state, idx))
+        logits, st = model(tokens, st, logits_to_keep=1)
+        parts.append((idx, (logits[:, -1], st)))
+    if len(parts) == 1:
+        return parts[0][1]
+    return _stack_rows(parts, n)
 
 
 class _Decoder:
-    """The decode loop shared by :func:`generate_tokens` and :func:`stream`."""
+    """The decode loop shared by :func:`generate_tokens` and :func:`stream_with_state`."""
 
-    def __init__(self, model, prompts, sampling: Sampling, seed: int, state):
-        graphdef, self.params = nnx.split(model)
-        self.fns = compiled_fns(graphdef)
-        state = _check_state(model, state, len(prompts))
-        self.logits, self.state = _prefill(self.fns, self.params, model, prompts, state)
+    def __init__(self, model, prompts, samplings: Sequence[Sampling], seed: int, state):
+        self.logits, self.state = prefill(model, prompts, state)
+        self.moduledef, self.values = functional.split(model)
         self.counts = jnp.zeros(self.logits.shape, F32)
         self.seeds = jnp.asarray([(seed + i) % (1 << 32) for i in range(len(prompts))],
                                  jnp.uint32)
-        self.sp = _sampling_arrays(sampling, self.logits.shape[-1])
-        self.greedy = sampling.greedy
+        self.sp = sampling_arrays(samplings, self.logits.shape[-1])
+        self.greedy = all(s.greedy for s in samplings)
         self.step = 0
 
     def next(self, active: np.ndarray) -> np.ndarray:
-        tok, self.logits, self.state, self.counts = self.fns.decode(
-            self.params, self.logits, self.state, self.counts, self.seeds,
+        tok, self.logits, self.state, self.counts = decode_step(
+            self.moduledef, self.values, self.logits, self.state, self.counts, self.seeds,
             jnp.asarray(self.step, jnp.int32), jnp.asarray(active, jnp.bool_), self.sp,
             greedy=self.greedy)
         self.step += 1
@@ -261,28 +288,37 @@ class _Decoder:
 
 
 def generate_tokens(model, prompts: Sequence[Sequence[int]], *, max_tokens: int,
-                    sampling: Sampling = Sampling(), seed: int = 0,
+                    sampling: Sampling | Sequence[Sampling] = Sampling(), seed: int = 0,
                     state=None) -> Iterator[tuple[np.ndarray, Any]]:
-    """Yield ``(tokens [B] int32, state)`` after each generated token, for every prompt.
+    """Yield ``(tokens [B] int32, state)`` after each generated token, for every prompt
+    (token ids). ``sampling``: one :class:`Sampling` for all streams or one per stream.
 
     The state yielded with a token already includes that token.
     """
-    dec = _Decoder(model, prompts, sampling, seed, state)
+    dec = _Decoder(model, prompts, _per_row(sampling, len(prompts)), seed, state)
     active = np.ones(len(prompts), bool)
     for _ in range(max_tokens):
         tok = dec.next(active)
         yield tok, dec.state
 
 
+def _expand(prompts: Sequence[str], num_samples: int) -> list[str]:
+    if isinstance(prompts, (str, bytes)):
+        raise TypeError("prompts must be a list of strings")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    return [p for p in prompts for _ in range(num_samples)]
+
+
 def stream_with_state(model, tokenizer, prompts: Sequence[str], *, max_tokens: int = 100,
                       seed: int = 0, stop: Sequence[str] = (),
                       stop_tokens: Sequence[int] | None = None, state=None,
-                      sampling: Sampling = Sampling()) -> Iterator[tuple[list[str], Any]]:
+                      sampling: Sampling | Sequence[Sampling] = Sampling(),
+                      num_samples: int = 1) -> Iterator[tuple[list[str], Any]]:
     """:func:`stream`, yielding ``(chunks, state)``: the state after every token so far (a
     finished row keeps the state it had when it finished)."""
     from rwkv_jax.tokenizers import StreamDecoder
-    if isinstance(prompts, (str, bytes)):
-        raise TypeError("prompts must be a list of strings")
+    prompts = _expand(prompts, num_samples)
     if stop_tokens is None:
         eot = getattr(tokenizer, "EOT", None)
         stop_tokens = () if eot is None else (eot,)
@@ -290,7 +326,7 @@ def stream_with_state(model, tokenizer, prompts: Sequence[str], *, max_tokens: i
     stop = [x for x in stop if x]
     ids = [tokenizer.encode(p) for p in prompts]
     n = len(prompts)
-    dec = _Decoder(model, ids, sampling, seed, state)
+    dec = _Decoder(model, ids, _per_row(sampling, n), seed, state)
     decoders = [StreamDecoder(tokenizer) for _ in range(n)]
     texts, emitted = [""] * n, [0] * n
     active = np.ones(n, bool)
@@ -337,34 +373,55 @@ def stream_with_state(model, tokenizer, prompts: Sequence[str], *, max_tokens: i
 
 def stream(model, tokenizer, prompts: Sequence[str], *, max_tokens: int = 100, seed: int = 0,
            stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None, state=None,
-           **sampling) -> Iterator[list[str]]:
-    """Yield, per step, the newly completed text of each prompt (whole UTF-8 characters only).
+           num_samples: int = 1, sampling: Sampling | Sequence[Sampling] | None = None,
+           **sampling_kw) -> Iterator[list[str]]:
+    """Yield, per step, the newly completed text of each stream (whole UTF-8 characters only).
 
-    Generation of a row ends at a stop string (not included), at a token in ``stop_tokens``
-    (default: the tokenizer's end-of-text id, e.g. 0 for World; none for bytes) or after
-    ``max_tokens``. ``sampling``: the fields of :class:`Sampling`. ``state`` continues from a
-    saved state (batch ``len(prompts)``, or 1 for all prompts).
+    Streams: each prompt ``num_samples`` times (prompt-major: stream ``i·n + j`` is sample j of
+    prompt i), all decoded together in one batched step. Generation of a stream ends at a stop
+    string (not included), at a token in ``stop_tokens`` (default: the tokenizer's end-of-text
+    id, e.g. 0 for World; none for bytes) or after ``max_tokens``. Sampling: the fields of
+    :class:`Sampling` as keywords (for every stream), or ``sampling=`` one Sampling or a list
+    with one per stream. ``state`` continues from a saved state (batch = number of streams, or
+    1 for all).
     """
     for chunk, _ in stream_with_state(model, tokenizer, prompts, max_tokens=max_tokens,
                                       seed=seed, stop=stop, stop_tokens=stop_tokens,
-                                      state=state, sampling=Sampling(**sampling)):
+                                      state=state, num_samples=num_samples,
+                                      sampling=_sampling_arg(sampling, sampling_kw)):
         yield chunk
 
 
-def generate(model, tokenizer, prompt: str, *, max_tokens: int = 100, seed: int = 0,
-             stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None, state=None,
-             return_state: bool = False, **sampling):
+def _sampling_arg(sampling, kw: dict):
+    if sampling is not None and kw:
+        raise TypeError(f"pass sampling settings either as sampling= or as keywords, not both "
+                        f"({', '.join(kw)})")
+    return Sampling(**kw) if sampling is None else sampling
+
+
+def generate(model, tokenizer, prompt: str | Sequence[str], *, max_tokens: int = 100,
+             seed: int = 0, stop: Sequence[str] = (), stop_tokens: Sequence[int] | None = None,
+             state=None, return_state: bool = False, num_samples: int = 1,
+             sampling: Sampling | Sequence[Sampling] | None = None, **sampling_kw):
     """Generate text continuing ``prompt`` (the prompt is not included in the result).
 
-    ``sampling``: the fields of :class:`Sampling` (``temperature=0`` is greedy). With
-    ``return_state=True`` returns ``(text, state)``: the state after the prompt and every
-    generated token (including the one that completed a stop string), ready to continue,
-    e.g. with the next chat turn as ``prompt`` and ``state=state``.
+    ``prompt``: one string -> one string; a list of strings, or ``num_samples > 1`` -> a list
+    with one completion per stream (prompt-major, see :func:`stream`), all decoded in one
+    batch. Sampling: the fields of :class:`Sampling` as keywords (``temperature=0`` is
+    greedy), or ``sampling=`` one Sampling or one per stream. With ``return_state=True``
+    returns ``(text(s), state)``: the state after the prompt and every generated token
+    (including the one that completed a stop string), ready to continue, e.g. with the next
+    chat turn as ``prompt`` and ``state=state``.
     """
-    out, final = [], state
-    for chunk, final in stream_with_state(model, tokenizer, [prompt], max_tokens=max_tokens,
+    single = isinstance(prompt, str)
+    prompts = [prompt] if single else list(prompt)
+    out, final = None, state
+    for chunk, final in stream_with_state(model, tokenizer, prompts, max_tokens=max_tokens,
                                           seed=seed, stop=stop, stop_tokens=stop_tokens,
-                                          state=state, sampling=Sampling(**sampling)):
-        out.append(chunk[0])
-    text = "".join(out)
-    return (text, final) if return_state else text
+                                          state=state, num_samples=num_samples,
+                                          sampling=_sampling_arg(sampling, sampling_kw)):
+        out = chunk if out is None else [a + b for a, b in zip(out, chunk)]
+    n = len(prompts) * num_samples
+    texts = out if out is not None else [""] * n
+    result = texts[0] if single and num_samples == 1 else texts
+    return (result, final) if return_state else result

@@ -21,7 +21,7 @@ from rwkv_jax.checkpoint import model_tensors
 from rwkv_jax.cli import main
 from rwkv_jax.generate import (
     Sampling,
-    compiled_fns,
+    decode_step,
     generate,
     generate_tokens,
     prefill,
@@ -30,6 +30,7 @@ from rwkv_jax.generate import (
 )
 from rwkv_jax.state import StateError, load_state, save_state
 from rwkv_jax.tokenizers import ByteTokenizer
+from compile_count import CompileCounter
 
 HERE = pathlib.Path(__file__).resolve().parent
 GREEDY = json.loads((HERE / "fixtures_greedy.json").read_text())
@@ -117,16 +118,18 @@ def test_greedy_text_api(model4):
 
 # ---- compilation ---------------------------------------------------------------------------
 def test_decode_step_compiles_once(rand_model):
-    fns = compiled_fns(nnx.split(rand_model)[0])
     generate(rand_model, BYTES, "Hi", max_tokens=3, temperature=0)
     generate(rand_model, BYTES, "Hi", max_tokens=3, temperature=0.7, seed=1)
-    n = fns.decode._cache_size()
-    # more tokens, other prompts and every other sampling value: nothing new to compile
-    generate(rand_model, BYTES, "Hello there", max_tokens=12, temperature=0,
-             banned_tokens=(32,))
-    generate(rand_model, BYTES, "Hi", max_tokens=12, temperature=1.3, top_p=0.5, top_k=7,
-             presence_penalty=0.4, frequency_penalty=0.2, penalty_decay=0.9, seed=5)
-    assert fns.decode._cache_size() == n
+    generate(rand_model, BYTES, "Hello there", max_tokens=3, temperature=0)
+    n = decode_step._cache_size()
+    # more tokens, other prompts of seen lengths and every other sampling value: nothing new
+    with CompileCounter() as c:
+        generate(rand_model, BYTES, "Hello world", max_tokens=12, temperature=0,
+                 banned_tokens=(32,))
+        generate(rand_model, BYTES, "Ho", max_tokens=12, temperature=1.3, top_p=0.5, top_k=7,
+                 presence_penalty=0.4, frequency_penalty=0.2, penalty_decay=0.9, seed=5)
+    assert decode_step._cache_size() == n
+    assert c.compiles == 0
 
 
 # ---- batching ------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rwkv_jax.model.functional import Module
+
 F32 = jnp.float32
 
 
@@ -58,7 +60,7 @@ def orthogonal(rng: np.random.Generator | None, shape: tuple[int, int], gain: fl
     return jnp.asarray((gain * q).astype(np.float32), dtype)
 
 
-class Linear(nnx.Module):
+class Linear(Module):
     """``y = x @ weight.T`` without bias; ``weight`` is ``[out, in]`` as in torch."""
 
     def __init__(self, d_in: int, d_out: int, *, init: jax.Array, compute_dtype):
@@ -147,7 +149,7 @@ def _lp_bwd(res, g):
 _low_precision_matmul.defvjp(_lp_fwd, _lp_bwd)
 
 
-class LayerNorm(nnx.Module):
+class LayerNorm(Module):
     """LayerNorm over the last axis with biased variance, computed in float32."""
 
     def __init__(self, dim: int, eps: float, param_dtype):

@@ -3,23 +3,35 @@
 ``RWKV(cfg, rngs=...)`` builds any version registered in :data:`MIXERS`; parameter paths
 are the official checkpoint keys. The model is a pure function of its inputs and a state::
 
-    logits, state = model(tokens)            # tokens [B, T] int32 -> logits [B, T, V] f32
-    logits, state = model(more, state)       # continue from the returned state
+    logits, state = model(tokens)                     # [B, T] int -> [B, T, V] float32
+    logits, state = model(more, state)                # continue from the returned state
+    last, state = model(prompt, logits_to_keep=1)     # [B, 1, V]: the head for the last only
 
 Running a sequence whole, as a prefix then the continued state, or one token at a time
 gives the same logits.
+
+What is compiled when. Called eagerly (no ``jit`` around it), ``model(...)`` runs a jitted
+pure function of the model's arrays, cached on (model structure, shapes, dtypes,
+``logits_to_keep``): a repeated call compiles nothing, and nothing grows. The sequence is cut
+into chunks of the lengths in :data:`PREFILL_SIZES` (the state carried between them, which is
+exact for a recurrence), so prompts of any length compile at most ``len(PREFILL_SIZES)``
+shapes per batch size. Inside a user's ``jax.jit``/``nnx.jit``/``jax.grad`` the call is
+traced inline, whole, as part of the caller's computation.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import F32, LayerNorm, Linear, host_rng, orthogonal, uniform
+from rwkv_jax.model import functional
+from rwkv_jax.model.layers import F32, Module, LayerNorm, Linear, host_rng, orthogonal, uniform
 from rwkv_jax.model.rwkv4 import ChannelMix4, TimeMix4
 from rwkv_jax.model.rwkv5 import TimeMix5
 from rwkv_jax.model.rwkv6 import ChannelMix6, TimeMix6
@@ -42,6 +54,20 @@ class LayerState(NamedTuple):
 
 RWKVState = tuple[LayerState, ...]
 
+# Chunk lengths of an eager call: a sequence of T tokens runs as chunks taken greedily from
+# these sizes (1000 = 3x256 + 3x64 + 2x16 + 2x4), so few shapes are ever compiled and a
+# remainder takes at most 3 calls per size (ChatRWKV prefills in chunks of 256 likewise).
+PREFILL_SIZES = (1024, 256, 64, 16, 4, 1)
+
+
+def prefill_chunks(n: int) -> list[int]:
+    """The chunk lengths an eager call of ``n`` tokens runs as (greedy over PREFILL_SIZES)."""
+    sizes = []
+    for size in PREFILL_SIZES:
+        sizes += [size] * (n // size)
+        n %= size
+    return sizes
+
 # version -> (time-mix class, channel-mix class)
 MIXERS: dict[str, tuple[type, type]] = {
     "4": (TimeMix4, ChannelMix4),
@@ -52,7 +78,7 @@ MIXERS: dict[str, tuple[type, type]] = {
 }
 
 
-class Embedding(nnx.Module):
+class Embedding(Module):
     """Token embedding ``weight [V, C]`` (official ``emb.weight``)."""
 
     def __init__(self, cfg: RWKVConfig, *, rngs: nnx.Rngs):
@@ -64,7 +90,7 @@ class Embedding(nnx.Module):
         return jnp.take(self.weight[...], tokens, axis=0).astype(F32)
 
 
-class Block(nnx.Module):
+class Block(Module):
     """Pre-LN residual block: ``x += att(ln1(x)); x += ffn(ln2(x))``; layer 0 owns ``ln0``."""
 
     def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):
@@ -87,11 +113,13 @@ class Block(nnx.Module):
         return x, LayerState(att_prev, wkv, ffn_prev), v_first
 
 
-class RWKV(nnx.Module):
+class RWKV(Module):
     """An RWKV language model of any registered version, configured by :class:`RWKVConfig`.
 
     Build from scratch with the official initialisation: ``RWKV(cfg, rngs=nnx.Rngs(0))``;
-    load an official checkpoint with :func:`rwkv_jax.load`.
+    load an official checkpoint with :func:`rwkv_jax.load`. Call it as
+    ``logits, state = model(tokens, state=None, *, logits_to_keep=0)`` (see :meth:`__call__`
+    and the module docstring for what is compiled when).
     """
 
     def __init__(self, cfg: RWKVConfig, *, rngs: nnx.Rngs):
@@ -109,14 +137,12 @@ class RWKV(nnx.Module):
 
     def init_state(self, batch_size: int) -> RWKVState:
         """The empty state for ``batch_size`` sequences (all float32)."""
-        cfg = self.config
-        att_cls, _ = MIXERS[cfg.version]
-        zeros = jnp.zeros((batch_size, cfg.n_embd), F32)
-        return tuple(LayerState(zeros, att_cls.init_state(cfg, batch_size), zeros)
-                     for _ in range(cfg.n_layer))
+        return init_state(self.config, batch_size)
 
     def hidden(self, tokens: jax.Array, state: RWKVState | None = None):
-        """Final residual stream after ``ln_out``: ([B, T, C] float32, new state)."""
+        """Final residual stream after ``ln_out``: ([B, T, C] float32, new state).
+
+        Traced inline (no jit of its own): for use inside the caller's jitted function."""
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
@@ -132,7 +158,112 @@ class RWKV(nnx.Module):
             new_state.append(layer_state)
         return self.ln_out(x), tuple(new_state)
 
-    def __call__(self, tokens: jax.Array, state: RWKVState | None = None):
-        """tokens [B, T] int -> (logits [B, T, V] float32, state after the last token)."""
+    def forward(self, tokens: jax.Array, state: RWKVState | None = None, *,
+                logits_to_keep: int | None = 0):
+        """The traced computation of :meth:`__call__` for one chunk (no chunking, no jit of
+        its own). ``logits_to_keep=None`` skips the head and returns ``(None, state)``."""
         h, state = self.hidden(tokens, state)
+        if logits_to_keep is None:
+            return None, state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
         return self.head(h).astype(F32), state
+
+    def __call__(self, tokens: jax.Array, state: RWKVState | None = None, *,
+                 logits_to_keep: int = 0):
+        """tokens [B, T] int -> (logits [B, T', V] float32, state after the last token).
+
+        ``state``: as returned by an earlier call or :meth:`init_state`; None = empty.
+        ``logits_to_keep`` (Hugging Face's convention): 0 = logits at every position
+        (T' = T); n > 0 = only the last n positions (T' = min(n, T)), and the head is
+        computed for those alone (prefill then skips ~30% of a small model's FLOPs).
+        """
+        keep = _check_keep(logits_to_keep)
+        moduledef, values = functional.split(self)
+        leaves = [tokens, values[0] if values else None,
+                  *(jax.tree.leaves(state)[:1] if state is not None else ())]
+        if any(functional.is_traced(x) for x in leaves):
+            return self.forward(tokens, state, logits_to_keep=keep)
+        return _eager_call(self, moduledef, values, tokens, state, keep)
+
+
+def _check_keep(n) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"logits_to_keep must be an integer >= 0 (0 = every position), "
+                         f"got {n!r}")
+    return int(n)
+
+
+def init_state(cfg: RWKVConfig, batch_size: int) -> RWKVState:
+    """The empty state of ``cfg``'s model for ``batch_size`` sequences (float32). Built from
+    ``jnp.zeros``/``jnp.full``: eagerly each shape compiles once; traced, it is inline."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    att_cls, _ = MIXERS[cfg.version]
+    zeros = jnp.zeros((int(batch_size), cfg.n_embd), jnp.float32)
+    return tuple(LayerState(zeros, att_cls.init_state(cfg, int(batch_size)), zeros)
+                 for _ in range(cfg.n_layer))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _apply(moduledef: functional.ModuleDef, values, tokens, state, keep):
+    """One chunk of an eager call: the model rebuilt from its arrays, run, jitted."""
+    return moduledef.merge(values).forward(tokens, state, logits_to_keep=keep)
+
+
+@functools.lru_cache(maxsize=256)
+def state_spec(cfg: RWKVConfig, batch_size: int):
+    """``(treedef, leaf shapes)`` of :func:`init_state` (computed abstractly, cached)."""
+    abstract = jax.eval_shape(lambda: init_state(cfg, batch_size))
+    leaves, treedef = jax.tree.flatten(abstract)
+    return treedef, tuple(x.shape for x in leaves)
+
+
+def check_state(cfg: RWKVConfig, state, batch_size: int) -> None:
+    """Raise ValueError unless ``state`` has the structure and shapes of
+    ``init_state(cfg, batch_size)``."""
+    treedef, shapes = state_spec(cfg, batch_size)
+    leaves, got = jax.tree.flatten(state)
+    if got != treedef or tuple(np.shape(x) for x in leaves) != shapes:
+        raise ValueError(f"state does not fit this model and batch {batch_size}: expected "
+                         f"the structure and shapes of init_state({batch_size}) (first leaves "
+                         f"{list(shapes[:3])}), got {got.num_leaves} leaves, first "
+                         f"{[np.shape(x) for x in leaves[:3]]}")
+
+
+def _eager_call(model: RWKV, moduledef, values, tokens, state, keep: int):
+    """``model(tokens, state)`` outside any trace: validated on the host, then run chunk by
+    chunk (:func:`prefill_chunks`) through the cached :func:`_apply`."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise ValueError(f"tokens must be integers, got dtype {tokens.dtype}")
+    B, T = tokens.shape
+    if B == 0 or T == 0:
+        raise ValueError(f"tokens must have at least one row and one position, got shape "
+                         f"{tokens.shape}")
+    V = model.config.vocab_size
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"token ids must be in 0..{V - 1}, got {lo if lo < 0 else hi}")
+    tokens = tokens.astype(np.int32)
+    if state is None:
+        state = model.init_state(B)
+    else:
+        check_state(model.config, state, B)
+    first_kept = 0 if keep == 0 else T - min(keep, T)
+    parts, pos = [], 0
+    for size in prefill_chunks(T):
+        end = pos + size
+        n_kept = end - max(pos, first_kept)
+        chunk_keep = None if n_kept <= 0 else 0 if n_kept == size else n_kept
+        logits, state = _apply(moduledef, values, tokens[:, pos:end], state, chunk_keep)
+        if logits is not None:
+            parts.append(logits)
+        pos = end
+    if len(parts) == 1:
+        return parts[0], state
+    # assembled on the host: a device-side concatenate would compile once per new length
+    return jnp.asarray(np.concatenate([np.asarray(p) for p in parts], axis=1)), state

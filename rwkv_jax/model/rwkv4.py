@@ -10,7 +10,7 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import (F32, Linear, host_rng, mix_vector, orthogonal,
+from rwkv_jax.model.layers import (Module, F32, Linear, host_rng, mix_vector, orthogonal,
                                    token_shift, vec)
 from rwkv_jax.ops.wkv4 import Wkv4State, wkv4
 
@@ -35,7 +35,7 @@ def _gain(d_out, d_in):
     return math.sqrt(d_out / d_in) if d_out > d_in else 1.0
 
 
-class TimeMix4(nnx.Module):
+class TimeMix4(Module):
     """RWKV-4 attention replacement: token-shift mix, r/k/v projections, WKV, output.
 
     Call: ``(x [B,T,C] LN output, x_prev [B,C], wkv_state, v_first)`` ->
@@ -74,7 +74,7 @@ class TimeMix4(nnx.Module):
         return Wkv4State.zeros(batch_size, cfg.n_embd)
 
 
-class ChannelMix4(nnx.Module):
+class ChannelMix4(Module):
     """RWKV-4/5 feed-forward: ``sigmoid(r) ⊙ (relu(k)² @ Wv.T)`` with token-shift mixing.
 
     Call: ``(x [B,T,C], x_prev [B,C])`` -> ``(out [B,T,C], new x_prev [B,C] f32)``.

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import (F32, LayerNorm, Linear, group_norm, host_rng, mix_vector,
+from rwkv_jax.model.layers import (Module, F32, LayerNorm, Linear, group_norm, host_rng, mix_vector,
                                    orthogonal, token_shift, vec)
 from rwkv_jax.model.rwkv4 import _ratios
 from rwkv_jax.ops.wkv6 import wkv6
@@ -55,7 +55,7 @@ def heads(x: jax.Array, n_head: int) -> jax.Array:
     return x.reshape(B, T, n_head, C // n_head)
 
 
-class MatrixStateTimeMix(nnx.Module):
+class MatrixStateTimeMix(Module):
     """What RWKV-5, 6 and 7 time-mix share: r/k/v/output projections with the official
     init, the per-head GroupNorm ``ln_x`` and a float32 [B, H, N, N] WKV state."""
 

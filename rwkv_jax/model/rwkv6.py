@@ -9,7 +9,7 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import (F32, host_rng, mix_vector, token_shift, uniform,
+from rwkv_jax.model.layers import (Module, F32, host_rng, mix_vector, token_shift, uniform,
                                    vec)
 from rwkv_jax.model.rwkv4 import _ratios
 from rwkv_jax.model.rwkv5 import MatrixStateTimeMix, heads, linear
@@ -72,7 +72,7 @@ class TimeMix6(MatrixStateTimeMix):
         return self.output(self._group_norm(y) * g), x[:, -1], state, v_first
 
 
-class ChannelMix6(nnx.Module):
+class ChannelMix6(Module):
     """RWKV-6 channel-mix: ``xk = x + dx·maa_k``, ``xr = x + dx·maa_r``, then as RWKV-4."""
 
     def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):

@@ -11,7 +11,7 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import (F32, host_rng, mix_vector, orthogonal,
+from rwkv_jax.model.layers import (Module, F32, host_rng, mix_vector, orthogonal,
                                    token_shift, vec)
 from rwkv_jax.model.rwkv4 import _ratios
 from rwkv_jax.model.rwkv5 import MatrixStateTimeMix, heads, linear
@@ -94,7 +94,7 @@ class TimeMix7(MatrixStateTimeMix):
         return self.output(y * g), x[:, -1], state, v_first
 
 
-class ChannelMix7(nnx.Module):
+class ChannelMix7(Module):
     """RWKV-7 channel-mix: ``relu(Wk(x + dx·x_k))² @ Wv.T``; F = 4C, no receptance gate."""
 
     def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):
