@@ -149,8 +149,8 @@ class GreedyStandIn(ByteStandIn):
 
 @pytest.mark.parametrize("tok_cls", [ByteStandIn, CodepointStandIn, GreedyStandIn])
 def test_prepare_streams_in_pieces_same_as_whole(tmp_path, monkeypatch, tok_cls):
-    monkeypatch.setattr(data, "_PIECE_CHARS", 97)
-    monkeypatch.setattr(data, "_MARGIN_CHARS", 10)
+    monkeypatch.setattr(data.text, "PIECE_CHARS", 97)
+    monkeypatch.setattr(data.text, "MARGIN_CHARS", 10)
     text = "".join(f"abcd {i}\n    ab✓✓✓ abc\n" for i in range(60)) + "中文" * 200 + "\nend"
     tok = tok_cls()
     src = data.prepare(_write(tmp_path / "big.txt", text), tmp_path / "big", tok)
@@ -167,8 +167,8 @@ def test_prepare_streams_with_a_non_inverting_tokenizer(tmp_path, monkeypatch):
         def decode(self, ids):
             return "?" * len(ids)
 
-    monkeypatch.setattr(data, "_PIECE_CHARS", 64)
-    monkeypatch.setattr(data, "_MARGIN_CHARS", 8)
+    monkeypatch.setattr(data.text, "PIECE_CHARS", 64)
+    monkeypatch.setattr(data.text, "MARGIN_CHARS", 8)
     text = "hello world\n" * 100
     src = data.prepare(_write(tmp_path / "l.txt", text), tmp_path / "l", Lossy())
     np.testing.assert_array_equal(src.tokens, list(text.encode()))
@@ -313,7 +313,7 @@ def test_open_tokens_dispatch(tmp_path):
 # --- the default corpus -----------------------------------------------------------------------
 
 def test_stdlib_corpus_deterministic_and_filtered():
-    files = data._stdlib_files()
+    files = data.stdlib_files()
     rels = [rel for rel, _ in files]
     assert rels == sorted(rels) and "os.py" in rels and len(rels) > 100
     for rel in rels:
@@ -397,8 +397,8 @@ def test_magic_prime_matches_rwkv_lm():
     assert data.magic_prime(1498226207, 512) == 2926181
     for n, ctx in [(10_000, 16), (4097, 64), (123_457, 100)]:
         p = data.magic_prime(n, ctx)
-        assert p % 3 == 2 and data._is_prime(p) and p < n / ctx - 1
-        assert not any(data._is_prime(q) for q in range(p + 3, int(n / ctx - 1) + 1, 3)
+        assert p % 3 == 2 and data.is_prime(p) and p < n / ctx - 1
+        assert not any(data.is_prime(q) for q in range(p + 3, int(n / ctx - 1) + 1, 3)
                        if q < n / ctx - 1)
     with pytest.raises(DataError, match="too few windows"):
         data.magic_prime(40, 16)
