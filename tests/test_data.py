@@ -465,3 +465,84 @@ def test_with_real_tokenizers_when_present(tmp_path):
     prepared = data.prepare([p], tmp_path / "pp", tok)
     assert data.read_prepared(tmp_path / "pp").tokenizer.to_dict() == tok.to_dict()
     np.testing.assert_array_equal(prepared.tokens, src.tokens)
+
+
+# --- split errors, documents, tokenizer specs -------------------------------------------------
+
+def test_split_errors_name_the_config_keys_and_counts():
+    tokens = np.arange(1000)
+    train, val = data.split_tokens(tokens, 0.0, ctx_len=128)  # no validation is allowed
+    assert len(train) == 1000 and len(val) == 0
+    assert list(data.eval_batches(val, batch_size=2, ctx_len=128)) == []
+    with pytest.raises(DataError, match=r"data\.ctx_len=1000 needs at least 1001 training "
+                                        r"tokens, but the training split has 900 \(of 1000 "
+                                        r"tokens with data\.val_fraction=0\.1\)"):
+        data.split_tokens(tokens, 0.1, ctx_len=1000)
+    with pytest.raises(DataError, match=r"data\.val_fraction=0\.001 leaves 1 validation "
+                                        r"token\(s\) of 1000.*set it to 0"):
+        data.split_tokens(tokens, 0.001, ctx_len=16)
+    with pytest.raises(DataError, match=r"data\.val_fraction must be in \[0, 1\), got 1\.0"):
+        data.split_tokens(tokens, 1.0)
+    with pytest.raises(DataError, match=r"data\.ctx_len=1000 needs"):
+        data.split_source(data.TokenSource(tokens), 0.1, ctx_len=1000)
+
+
+def test_prepared_documents_index(tmp_path):
+    lines = [json.dumps({"text": t}) for t in ("ab", "", "cde")]
+    p = _write(tmp_path / "d.jsonl", "\n".join(lines) + "\n")
+    src = data.prepare([p], tmp_path / "d", ByteStandIn(), doc_separator=9)
+    assert src.doc_offsets.tolist() == [0, 3, 4, 8]
+    meta = json.loads((tmp_path / "d.json").read_text())
+    assert meta["docs"] == {"file": "d.docs.bin", "dtype": "int64", "n_docs": 3}
+    assert np.fromfile(tmp_path / "d.docs.bin", "<i8").tolist() == [0, 3, 4, 8]
+    assert data.read_prepared(tmp_path / "d").doc_offsets.tolist() == [0, 3, 4, 8]
+    good = (tmp_path / "d.docs.bin").read_bytes()
+    (tmp_path / "d.docs.bin").write_bytes(good[:-8])
+    with pytest.raises(DataError, match=r"d\.docs\.bin: 24 bytes"):
+        data.read_prepared(tmp_path / "d")
+    (tmp_path / "d.docs.bin").write_bytes(np.asarray([0, 4, 3, 8], "<i8").tobytes())
+    with pytest.raises(DataError, match="offsets do not run from 0 to 8 in order"):
+        data.read_prepared(tmp_path / "d")
+    # re-preparing as a single text file drops the now stale index
+    data.prepare(_write(tmp_path / "one.txt", "abc"), tmp_path / "d", ByteStandIn())
+    assert not (tmp_path / "d.docs.bin").exists()
+    assert data.read_prepared(tmp_path / "d").doc_offsets.tolist() == [0, 3]
+
+
+def test_prepare_rejects_a_torn_jsonl(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "cut of')
+    with pytest.raises(data.TornLineError, match=r"t\.jsonl:2: incomplete last line"):
+        data.prepare([p], tmp_path / "t", ByteStandIn())
+
+
+def test_binidx_documents_need_back_to_back_sequences(tmp_path):
+    data.write_binidx(tmp_path / "ds", [[1, 2], [3, 4, 5]])
+    assert data.read_binidx(tmp_path / "ds").doc_offsets().tolist() == [0, 2, 5]
+    idx = bytearray((tmp_path / "ds.idx").read_bytes())
+    # point the second sequence at byte 0: valid for reading sequences, not for documents
+    idx[34 + 8 + 8:34 + 8 + 16] = (0).to_bytes(8, "little")
+    (tmp_path / "ds.idx").write_bytes(bytes(idx))
+    b = data.read_binidx(tmp_path / "ds")
+    assert b.sequence(1).tolist() == [1, 2, 3] and b.doc_offsets() is None
+    assert data.document_offsets(data.open_tokens(tmp_path / "ds")).tolist() == [0, 5]
+
+
+def test_a_run_directory_tokenizer_trains_data(tmp_path):
+    tokenizers = pytest.importorskip("rwkv_jax.tokenizers")
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    char = tokenizers.CharTokenizer("abc\n ")
+    (run / "tokenizer.json").write_text(json.dumps(char.to_dict()))  # as training writes it
+    p = _write(tmp_path / "t.txt", "cab ba\n")
+    for spec in (str(run / "tokenizer.json"), str(run), run):
+        src = data.open_tokens(p, spec, cache_dir=tmp_path / "c")
+        assert src.tokenizer.to_dict() == char.to_dict()
+        assert src.tokens.tolist() == char.encode("cab ba\n")
+    # the cache key follows the file a run directory names
+    (run / "tokenizer.json").write_text(json.dumps({"type": "bytes"}))
+    assert data.open_tokens(p, str(run), cache_dir=tmp_path / "c").tokens.tolist() == list(
+        b"cab ba\n")
+    (run / "tokenizer.json").write_text("{broken")
+    with pytest.raises(tokenizers.TokenizerError, match=r"x/tokenizer\.json: not a readable"):
+        data.open_tokens(p, str(run), cache_dir=tmp_path / "c2")
