@@ -181,3 +181,19 @@ def test_bad_chat_line_in_prepare_names_file_and_line(tmp_path):
                  '"content": "c"}]}\n', encoding="utf-8")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: messages\[0\] has role 'x'"):
         data.prepare([p], tmp_path / "bad", ByteTokenizer())
+
+
+def test_open_tokens_loss_on(tmp_path):
+    p = _jsonl(tmp_path / "c.jsonl", [{"prompt": "q", "response": "a"}])
+    data.prepare([p], tmp_path / "m", ByteTokenizer(), loss_on="response")
+    assert data.open_tokens(tmp_path / "m").mask is not None             # as the data says
+    assert data.open_tokens(tmp_path / "m", loss_on="response").mask is not None
+    assert data.open_tokens(tmp_path / "m", loss_on="all").mask is None  # train on everything
+    data.prepare([p], tmp_path / "n", ByteTokenizer())
+    with pytest.raises(DataError, match=r"n\.bin: loss_on='response' needs a loss mask"):
+        data.open_tokens(tmp_path / "n", loss_on="response")
+    with pytest.raises(DataError, match="loss_on must be one of"):
+        data.open_tokens(tmp_path / "n", loss_on="prompts")
+    cached = data.open_tokens(p, "bytes", cache_dir=tmp_path / "cache", loss_on="response")
+    assert bytes(cached.tokens[cached.mask > 0].tolist()) == b" a\n\n"
+    assert data.open_tokens(p, "bytes", cache_dir=tmp_path / "cache").mask is None

@@ -231,9 +231,9 @@ def _offsets_from_sources(sources: Iterable[dict], n_tokens: int) -> np.ndarray 
         total += n
         if n_docs == 1:
             ends.append(total)
-    if total != n_tokens or (n_tokens and ends[-1] != n_tokens):
+    if total != n_tokens or ends[-1] != n_tokens:
         return None
-    return np.asarray(ends if n_tokens or len(ends) > 1 else [0, 0], np.int64)
+    return np.asarray(ends if len(ends) > 1 else [0, 0], np.int64)  # no document: one empty
 
 
 # ---------------------------------------------------------------------------------------------

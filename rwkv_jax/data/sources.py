@@ -3,12 +3,14 @@ tokenized once and cached (:func:`open_text`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import pathlib
 from typing import Literal
 
 import numpy as np
 
 from rwkv_jax.data.cache import TokenizerLike, cached_prepare, tokenizer_spec
+from rwkv_jax.data.chat import LOSS_ON
 from rwkv_jax.data.corpus import open_stdlib_corpus
 from rwkv_jax.data.files import DataError, PathLike, strip_suffix, with_suffix
 from rwkv_jax.data.formats import TokenSource, read_binidx, read_prepared
@@ -44,7 +46,7 @@ def open_text(path: PathLike, tokenizer: TokenizerLike = "bytes", *,
 
 def open_tokens(path: PathLike | None, tokenizer: TokenizerLike = None, *,
                 cache_dir: PathLike | None = None, max_bytes: int | None = None,
-                loss_on: Literal["all", "response"] = "all") -> TokenSource:
+                loss_on: Literal["all", "response"] | None = None) -> TokenSource:
     """Open whatever token data is at ``path``; ``None`` means the default corpus.
 
     * ``None``: :func:`rwkv_jax.data.open_stdlib_corpus` (``max_bytes`` caps it; it applies to
@@ -56,9 +58,27 @@ def open_tokens(path: PathLike | None, tokenizer: TokenizerLike = None, *,
       the stored tokenizer (and mask) is used. A Tokenizer object, if given, must match it; a
       spec string is ignored (it only says how to tokenize text).
     * any other file: text or ``.jsonl``, tokenized with ``tokenizer`` (default ``"bytes"``)
-      and ``loss_on``, and cached (:func:`open_text`).
+      and cached (:func:`open_text`).
+
+    ``loss_on``: None (default) keeps what the data says (a prepared file's mask, if any; text
+    is tokenized with ``"all"``). ``"all"``: every token is a target (a stored mask is
+    dropped). ``"response"``: chat prompts are masked; text is tokenized so, and token data
+    without a mask is an error.
     """
-    tokenizer = tokenizer_spec(tokenizer)
+    if loss_on not in (None, *LOSS_ON):
+        raise DataError(f"loss_on must be one of {', '.join(LOSS_ON)} or None, got {loss_on!r}")
+    src = _open(path, tokenizer_spec(tokenizer), cache_dir, max_bytes, loss_on or "all")
+    if loss_on == "all" and src.mask is not None:
+        return dataclasses.replace(src, mask=None)
+    if loss_on == "response" and src.mask is None:
+        raise DataError(f"{src.path or path or 'the default corpus'}: loss_on='response' needs a "
+                        "loss mask, and these tokens have none; prepare chat records with "
+                        "loss_on='response'")
+    return src
+
+
+def _open(path: PathLike | None, tokenizer: TokenizerLike, cache_dir: PathLike | None,
+          max_bytes: int | None, loss_on: str) -> TokenSource:
     if path is None:
         return open_stdlib_corpus(tokenizer if tokenizer is not None else "bytes",
                                   max_bytes=max_bytes, cache_dir=cache_dir)
