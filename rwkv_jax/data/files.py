@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DataError", "PathLike", "with_suffix", "strip_suffix", "temp_path",
-           "write_json_atomic", "memmap_or_empty", "as_json", "open_text_file"]
+__all__ = ["DataError", "PathLike", "TOKEN_SUFFIXES", "with_suffix", "strip_suffix",
+           "temp_path", "write_json_atomic", "memmap_or_empty", "as_json", "open_text_file"]
 
 PathLike = str | os.PathLike
 

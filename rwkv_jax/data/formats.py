@@ -167,8 +167,7 @@ class TokenWriter:
     def offsets(self) -> np.ndarray:
         """Document offsets ``[n_docs + 1]``; ids after the last :meth:`end_document` form a
         last document."""
-        ends = np.frombuffer(self.doc_ends, np.int64) if len(self.doc_ends) else np.zeros(0,
-                                                                                    np.int64)
+        ends = np.asarray(self.doc_ends, np.int64)
         tail = [] if ends.size and int(ends[-1]) == self.count else [self.count]
         return np.concatenate([[0], ends, tail]).astype(np.int64)
 

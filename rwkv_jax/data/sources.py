@@ -12,7 +12,7 @@ import numpy as np
 from rwkv_jax.data.cache import TokenizerLike, cached_prepare, tokenizer_spec
 from rwkv_jax.data.chat import LOSS_ON
 from rwkv_jax.data.corpus import open_stdlib_corpus
-from rwkv_jax.data.files import DataError, PathLike, strip_suffix, with_suffix
+from rwkv_jax.data.files import TOKEN_SUFFIXES, DataError, PathLike, strip_suffix, with_suffix
 from rwkv_jax.data.formats import TokenSource, read_binidx, read_prepared
 from rwkv_jax.data.text import prepare
 from rwkv_jax.tokenizers import resolve_tokenizer
@@ -85,7 +85,7 @@ def _open(path: PathLike | None, tokenizer: TokenizerLike, cache_dir: PathLike |
     p = pathlib.Path(path).expanduser()
     prefix = strip_suffix(p)
     has = lambda suffix: with_suffix(prefix, suffix).is_file()  # noqa: E731
-    if p.suffix in (".bin", ".idx", ".json") or not p.is_file():
+    if p.suffix in TOKEN_SUFFIXES or not p.is_file():
         if has(".bin") and has(".idx") and p.suffix != ".json":
             return _open_binidx(prefix, tokenizer)
         if has(".json") and p.suffix != ".idx":
