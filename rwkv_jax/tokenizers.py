@@ -9,9 +9,11 @@
 
 Every tokenizer has ``name``, ``vocab_size``, ``encode(text) -> list[int]``,
 ``decode_bytes(ids) -> bytes``, ``decode(ids) -> str`` (UTF-8, ``errors="replace"``) and
-``to_dict()``; :func:`tokenizer_from_dict` rebuilds one from that dict (run directories) and
-:func:`get_tokenizer` picks one from a CLI spec. :class:`StreamDecoder` turns a stream of ids
-into text without ever emitting half a multi-byte character.
+``to_dict()``; :func:`tokenizer_from_dict` rebuilds one from that dict (run directories).
+:func:`resolve_tokenizer` is the one place a spec (CLI/config string, ``tokenizer.json``, run
+directory, or nothing but the model's vocabulary size) becomes a tokenizer; every bad spec is a
+:class:`TokenizerError` naming it. :class:`StreamDecoder` turns a stream of ids into text
+without ever emitting half a multi-byte character.
 
 World encoding is exact greedy longest match (checked against the official ``TRIE_TOKENIZER``)
 and fast on long text: greedy results are cached per word-like piece, with a check that makes
@@ -27,18 +29,23 @@ import json
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
 __all__ = ["Tokenizer", "ByteTokenizer", "CharTokenizer", "WorldTokenizer", "HFTokenizer",
-           "StreamDecoder", "get_tokenizer", "tokenizer_from_dict", "WORLD_VOCAB_PATH",
-           "TOKENIZER_CHOICES"]
+           "StreamDecoder", "TokenizerError", "resolve_tokenizer", "get_tokenizer",
+           "tokenizer_from_dict", "WORLD_VOCAB_PATH", "TOKENIZER_CHOICES"]
 
 WORLD_VOCAB_PATH = pathlib.Path(__file__).resolve().parent / "assets" / "rwkv_vocab_v20230424.txt"
-TOKENIZER_CHOICES = ("bytes", "world", "<path to a tokenizer.json>")
+TOKENIZER_CHOICES = ("bytes", "world", "char (training: built from the text)",
+                     "<path to a tokenizer.json or a run directory>")
 
 PathLike = str | os.PathLike
+
+
+class TokenizerError(ValueError):
+    """A tokenizer spec or file is unknown, missing or malformed; the message names it."""
 
 
 class Tokenizer:
@@ -157,13 +164,13 @@ def _read_world_vocab(path: PathLike) -> list[bytes]:
             idx, lit = int(line[:first]), ast.literal_eval(line[first:last].strip())
             tok = lit.encode("utf-8") if isinstance(lit, str) else lit
             if not isinstance(tok, bytes) or len(tok) != int(line[last:]):
-                raise ValueError(f"{path}:{lineno}: bad vocab line {line[:80]!r}")
+                raise TokenizerError(f"{path}:{lineno}: bad vocab line {line[:80]!r}")
             if idx <= 0 or idx in tokens:
-                raise ValueError(f"{path}:{lineno}: bad or repeated id {idx}")
+                raise TokenizerError(f"{path}:{lineno}: bad or repeated id {idx}")
             tokens[idx] = tok
     n = max(tokens)
     if sorted(tokens) != list(range(1, n + 1)):
-        raise ValueError(f"{path}: ids are not contiguous 1..{n}")
+        raise TokenizerError(f"{path}: ids are not contiguous 1..{n}")
     return [b""] + [tokens[i] for i in range(1, n + 1)]
 
 
@@ -315,7 +322,14 @@ class HFTokenizer(Tokenizer):
             raise ImportError("HFTokenizer needs the Hugging Face `tokenizers` package: "
                               "pip install tokenizers") from e
         self.path = str(path)
-        self._tok = _HF.from_file(self.path)
+        if not os.path.isfile(self.path):
+            raise TokenizerError(f"{self.path}: no such tokenizer file")
+        try:
+            self._tok = _HF.from_file(self.path)
+        except Exception as e:  # noqa: BLE001 - the tokenizers package raises a bare Exception
+            raise TokenizerError(f"{self.path}: not a valid Hugging Face tokenizer.json "
+                                 f"({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                                 ) from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.name = pathlib.Path(self.path).name
         self._added = {i: t.content for i, t in self._tok.get_added_tokens_decoder().items()}
@@ -361,43 +375,143 @@ def _gpt2_byte_table() -> dict[str, int]:
 
 # ---- selection -----------------------------------------------------------------------------
 
+_SPEC_TYPES = ("bytes", "char", "world", "hf")
+
+
 def tokenizer_from_dict(d: dict[str, Any]) -> Tokenizer:
-    """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` output."""
-    kind = d.get("type")
-    if kind == "bytes":
-        return ByteTokenizer()
-    if kind == "char":
-        return CharTokenizer(d["chars"])
-    if kind == "world":
-        return WorldTokenizer(d.get("path"))
-    if kind == "hf":
-        return HFTokenizer(d["path"])
-    raise ValueError(f"unknown tokenizer type {kind!r}; expected bytes, char, world or hf")
-
-
-def get_tokenizer(spec: str | None, *, vocab_size: int | None = None) -> Tokenizer:
-    """The tokenizer for a CLI ``spec``: ``"bytes"``, ``"world"`` or a path to a Hugging Face
-    ``tokenizer.json``. With ``spec=None`` it is inferred from ``vocab_size`` (256 -> bytes,
-    65536 -> world); other sizes (e.g. 50277, the 20B tokenizer, which is not packaged) need an
-    explicit spec."""
-    if spec is None:
-        if vocab_size == 256:
+    """Rebuild a tokenizer from :meth:`Tokenizer.to_dict` output (:class:`TokenizerError` if
+    the dict is not one)."""
+    kind = d.get("type") if isinstance(d, dict) else None
+    try:
+        if kind == "bytes":
             return ByteTokenizer()
-        if vocab_size == 65536:
-            return WorldTokenizer()
-        hint = (" (the GPT-NeoX 20B tokenizer of the RWKV-4 Pile models: pass the path to "
-                "20B_tokenizer.json, e.g. from RWKV-LM)") if vocab_size in (50277, 50304) else ""
-        raise ValueError(f"cannot infer a tokenizer for vocab_size={vocab_size}{hint}; "
+        if kind == "char":
+            return CharTokenizer(d["chars"])
+        if kind == "world":
+            return WorldTokenizer(d.get("path"))
+        if kind == "hf":
+            return HFTokenizer(d["path"])
+    except KeyError as e:
+        raise TokenizerError(f"tokenizer spec of type {kind!r} lacks the {e.args[0]!r} "
+                             "field") from None
+    except TokenizerError:
+        raise
+    except (TypeError, ValueError, OSError) as e:
+        raise TokenizerError(f"bad tokenizer spec {str(d)[:80]} ({e})") from None
+    raise TokenizerError(f"unknown tokenizer type {kind!r}; expected "
+                         f"{', '.join(_SPEC_TYPES)}")
+
+
+def _from_file(path: pathlib.Path) -> Tokenizer:
+    """A ``tokenizer.json`` (an rwkv-jax spec ``{"type": ...}`` as training writes it, or a
+    Hugging Face tokenizer file) or a World vocabulary ``.txt``."""
+    if path.suffix == ".txt":
+        try:
+            return WorldTokenizer(path)
+        except (ValueError, SyntaxError, IndexError) as e:
+            raise TokenizerError(f"{path}: not an RWKV World vocabulary ({e})") from None
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TokenizerError(f"{path}: not a readable tokenizer.json ({e})") from None
+    if isinstance(d, dict) and "type" in d and "model" not in d:
+        try:
+            return tokenizer_from_dict(d)
+        except TokenizerError as e:
+            raise TokenizerError(f"{path}: {e}") from None
+    if isinstance(d, dict) and isinstance(d.get("model"), dict):
+        return HFTokenizer(path)
+    raise TokenizerError(f"{path}: neither an rwkv-jax tokenizer spec ({{\"type\": ...}}) nor "
+                         "a Hugging Face tokenizer.json")
+
+
+def _infer(vocab_size: int | None) -> Tokenizer:
+    if vocab_size == 256:
+        return ByteTokenizer()
+    if vocab_size == 65536:
+        return WorldTokenizer()
+    hint = (" (the GPT-NeoX 20B tokenizer of the RWKV-4 Pile models: pass the path to "
+            "20B_tokenizer.json, e.g. from RWKV-LM)") if vocab_size in (50277, 50304) else ""
+    raise TokenizerError(f"cannot infer a tokenizer for vocab_size={vocab_size}{hint}; "
                          f"choose one of {', '.join(TOKENIZER_CHOICES)}")
+
+
+def resolve_tokenizer(spec: Any = None, *, model_path: PathLike | None = None,
+                      vocab_size: int | None = None,
+                      text: Callable[[], Iterable[str]] | Iterable[str] | None = None,
+                      ) -> Tokenizer:
+    """The tokenizer for ``spec``; the one resolver behind training data, CLI and inference.
+
+    ``spec`` is one of:
+
+    * ``"bytes"`` (or ``"byte"``), ``"world"``;
+    * ``"char"``: a :class:`CharTokenizer` whose vocabulary is every character of ``text``
+      (an iterable of strings, or a callable returning one, called only here);
+    * a path to a ``tokenizer.json``: an rwkv-jax spec (``{"type": ...}``, what training
+      writes into a run directory) or a Hugging Face tokenizer file; a ``.txt`` path is a
+      World vocabulary file;
+    * a directory (a run directory): its ``tokenizer.json``;
+    * a ``to_dict()`` dict, or a tokenizer object (returned as it is);
+    * ``None``: ``model_path``'s ``tokenizer.json`` when ``model_path`` is a directory that has
+      one, else inferred from ``vocab_size`` (256 -> bytes, 65536 -> world).
+
+    With ``vocab_size`` (the model's), a tokenizer with more ids than that is an error.
+
+    Raises:
+      TokenizerError: an unknown spec, a missing file, a malformed ``tokenizer.json`` (the
+        message names the file), or a vocabulary larger than ``vocab_size``.
+    """
+    if spec is None:
+        run_tok = None if model_path is None else pathlib.Path(model_path) / "tokenizer.json"
+        if run_tok is not None and run_tok.is_file():
+            tok = _from_file(run_tok)
+        elif vocab_size is None:
+            raise TokenizerError("no tokenizer given and no vocab_size to infer one from; "
+                                 f"choose one of {', '.join(TOKENIZER_CHOICES)}")
+        else:
+            tok = _infer(vocab_size)
+    elif isinstance(spec, dict):
+        tok = tokenizer_from_dict(spec)
+    elif isinstance(spec, (str, os.PathLike)):
+        tok = _from_spec_string(os.fspath(spec), text)
+    else:
+        tok = spec  # a tokenizer object (anything with the Tokenizer interface)
+    if vocab_size is not None and tok.vocab_size > vocab_size:
+        raise TokenizerError(f"tokenizer {tok.name!r} has {tok.vocab_size} ids, the model only "
+                             f"{vocab_size}")
+    return tok
+
+
+def _from_spec_string(spec: str, text) -> Tokenizer:
     if spec in ("bytes", "byte"):
         return ByteTokenizer()
     if spec == "world":
         return WorldTokenizer()
-    if spec.endswith(".json") or os.path.isfile(spec):
-        if not os.path.isfile(spec):
-            raise ValueError(f"tokenizer file not found: {spec}")
-        return HFTokenizer(spec)
-    raise ValueError(f"unknown tokenizer {spec!r}; choose one of {', '.join(TOKENIZER_CHOICES)}")
+    if spec == "char":
+        if text is None:
+            raise TokenizerError("tokenizer 'char' builds its vocabulary from the training "
+                                 "text; give the run directory (or its tokenizer.json) of a "
+                                 "model trained with it instead")
+        seen: set[str] = set()
+        for piece in (text() if callable(text) else text):
+            seen.update(piece)
+        return CharTokenizer.from_text("".join(sorted(seen)))
+    p = pathlib.Path(spec).expanduser()
+    if p.is_dir():
+        if not (p / "tokenizer.json").is_file():
+            raise TokenizerError(f"{p}: a directory without a tokenizer.json")
+        return _from_file(p / "tokenizer.json")
+    if p.is_file():
+        return _from_file(p)
+    if spec.endswith((".json", ".txt")) or os.sep in spec or "/" in spec:
+        raise TokenizerError(f"tokenizer file not found: {spec}")
+    raise TokenizerError(f"unknown tokenizer {spec!r}; choose one of "
+                         f"{', '.join(TOKENIZER_CHOICES)}")
+
+
+def get_tokenizer(spec: str | None, *, vocab_size: int | None = None) -> Tokenizer:
+    """:func:`resolve_tokenizer` ``(spec, vocab_size=vocab_size)``, kept for existing callers."""
+    return resolve_tokenizer(spec, vocab_size=vocab_size)
 
 
 # ---- streaming decode ----------------------------------------------------------------------

@@ -149,8 +149,8 @@ class GreedyStandIn(ByteStandIn):
 
 @pytest.mark.parametrize("tok_cls", [ByteStandIn, CodepointStandIn, GreedyStandIn])
 def test_prepare_streams_in_pieces_same_as_whole(tmp_path, monkeypatch, tok_cls):
-    monkeypatch.setattr(data, "_PIECE_CHARS", 97)
-    monkeypatch.setattr(data, "_MARGIN_CHARS", 10)
+    monkeypatch.setattr(data.text, "PIECE_CHARS", 97)
+    monkeypatch.setattr(data.text, "MARGIN_CHARS", 10)
     text = "".join(f"abcd {i}\n    ab✓✓✓ abc\n" for i in range(60)) + "中文" * 200 + "\nend"
     tok = tok_cls()
     src = data.prepare(_write(tmp_path / "big.txt", text), tmp_path / "big", tok)
@@ -167,8 +167,8 @@ def test_prepare_streams_with_a_non_inverting_tokenizer(tmp_path, monkeypatch):
         def decode(self, ids):
             return "?" * len(ids)
 
-    monkeypatch.setattr(data, "_PIECE_CHARS", 64)
-    monkeypatch.setattr(data, "_MARGIN_CHARS", 8)
+    monkeypatch.setattr(data.text, "PIECE_CHARS", 64)
+    monkeypatch.setattr(data.text, "MARGIN_CHARS", 8)
     text = "hello world\n" * 100
     src = data.prepare(_write(tmp_path / "l.txt", text), tmp_path / "l", Lossy())
     np.testing.assert_array_equal(src.tokens, list(text.encode()))
@@ -313,7 +313,7 @@ def test_open_tokens_dispatch(tmp_path):
 # --- the default corpus -----------------------------------------------------------------------
 
 def test_stdlib_corpus_deterministic_and_filtered():
-    files = data._stdlib_files()
+    files = data.stdlib_files()
     rels = [rel for rel, _ in files]
     assert rels == sorted(rels) and "os.py" in rels and len(rels) > 100
     for rel in rels:
@@ -397,8 +397,8 @@ def test_magic_prime_matches_rwkv_lm():
     assert data.magic_prime(1498226207, 512) == 2926181
     for n, ctx in [(10_000, 16), (4097, 64), (123_457, 100)]:
         p = data.magic_prime(n, ctx)
-        assert p % 3 == 2 and data._is_prime(p) and p < n / ctx - 1
-        assert not any(data._is_prime(q) for q in range(p + 3, int(n / ctx - 1) + 1, 3)
+        assert p % 3 == 2 and data.is_prime(p) and p < n / ctx - 1
+        assert not any(data.is_prime(q) for q in range(p + 3, int(n / ctx - 1) + 1, 3)
                        if q < n / ctx - 1)
     with pytest.raises(DataError, match="too few windows"):
         data.magic_prime(40, 16)
@@ -465,3 +465,84 @@ def test_with_real_tokenizers_when_present(tmp_path):
     prepared = data.prepare([p], tmp_path / "pp", tok)
     assert data.read_prepared(tmp_path / "pp").tokenizer.to_dict() == tok.to_dict()
     np.testing.assert_array_equal(prepared.tokens, src.tokens)
+
+
+# --- split errors, documents, tokenizer specs -------------------------------------------------
+
+def test_split_errors_name_the_config_keys_and_counts():
+    tokens = np.arange(1000)
+    train, val = data.split_tokens(tokens, 0.0, ctx_len=128)  # no validation is allowed
+    assert len(train) == 1000 and len(val) == 0
+    assert list(data.eval_batches(val, batch_size=2, ctx_len=128)) == []
+    with pytest.raises(DataError, match=r"data\.ctx_len=1000 needs at least 1001 training "
+                                        r"tokens, but the training split has 900 \(of 1000 "
+                                        r"tokens with data\.val_fraction=0\.1\)"):
+        data.split_tokens(tokens, 0.1, ctx_len=1000)
+    with pytest.raises(DataError, match=r"data\.val_fraction=0\.001 leaves 1 validation "
+                                        r"token\(s\) of 1000.*set it to 0"):
+        data.split_tokens(tokens, 0.001, ctx_len=16)
+    with pytest.raises(DataError, match=r"data\.val_fraction must be in \[0, 1\), got 1\.0"):
+        data.split_tokens(tokens, 1.0)
+    with pytest.raises(DataError, match=r"data\.ctx_len=1000 needs"):
+        data.split_source(data.TokenSource(tokens), 0.1, ctx_len=1000)
+
+
+def test_prepared_documents_index(tmp_path):
+    lines = [json.dumps({"text": t}) for t in ("ab", "", "cde")]
+    p = _write(tmp_path / "d.jsonl", "\n".join(lines) + "\n")
+    src = data.prepare([p], tmp_path / "d", ByteStandIn(), doc_separator=9)
+    assert src.doc_offsets.tolist() == [0, 3, 4, 8]
+    meta = json.loads((tmp_path / "d.json").read_text())
+    assert meta["docs"] == {"file": "d.docs.bin", "dtype": "int64", "n_docs": 3}
+    assert np.fromfile(tmp_path / "d.docs.bin", "<i8").tolist() == [0, 3, 4, 8]
+    assert data.read_prepared(tmp_path / "d").doc_offsets.tolist() == [0, 3, 4, 8]
+    good = (tmp_path / "d.docs.bin").read_bytes()
+    (tmp_path / "d.docs.bin").write_bytes(good[:-8])
+    with pytest.raises(DataError, match=r"d\.docs\.bin: 24 bytes"):
+        data.read_prepared(tmp_path / "d")
+    (tmp_path / "d.docs.bin").write_bytes(np.asarray([0, 4, 3, 8], "<i8").tobytes())
+    with pytest.raises(DataError, match="offsets do not run from 0 to 8 in order"):
+        data.read_prepared(tmp_path / "d")
+    # re-preparing as a single text file drops the now stale index
+    data.prepare(_write(tmp_path / "one.txt", "abc"), tmp_path / "d", ByteStandIn())
+    assert not (tmp_path / "d.docs.bin").exists()
+    assert data.read_prepared(tmp_path / "d").doc_offsets.tolist() == [0, 3]
+
+
+def test_prepare_rejects_a_torn_jsonl(tmp_path):
+    p = tmp_path / "t.jsonl"
+    p.write_bytes(b'{"text": "ok"}\n{"text": "cut of')
+    with pytest.raises(data.TornLineError, match=r"t\.jsonl:2: incomplete last line"):
+        data.prepare([p], tmp_path / "t", ByteStandIn())
+
+
+def test_binidx_documents_need_back_to_back_sequences(tmp_path):
+    data.write_binidx(tmp_path / "ds", [[1, 2], [3, 4, 5]])
+    assert data.read_binidx(tmp_path / "ds").doc_offsets().tolist() == [0, 2, 5]
+    idx = bytearray((tmp_path / "ds.idx").read_bytes())
+    # point the second sequence at byte 0: valid for reading sequences, not for documents
+    idx[34 + 8 + 8:34 + 8 + 16] = (0).to_bytes(8, "little")
+    (tmp_path / "ds.idx").write_bytes(bytes(idx))
+    b = data.read_binidx(tmp_path / "ds")
+    assert b.sequence(1).tolist() == [1, 2, 3] and b.doc_offsets() is None
+    assert data.document_offsets(data.open_tokens(tmp_path / "ds")).tolist() == [0, 5]
+
+
+def test_a_run_directory_tokenizer_trains_data(tmp_path):
+    tokenizers = pytest.importorskip("rwkv_jax.tokenizers")
+    run = tmp_path / "runs" / "x"
+    run.mkdir(parents=True)
+    char = tokenizers.CharTokenizer("abc\n ")
+    (run / "tokenizer.json").write_text(json.dumps(char.to_dict()))  # as training writes it
+    p = _write(tmp_path / "t.txt", "cab ba\n")
+    for spec in (str(run / "tokenizer.json"), str(run), run):
+        src = data.open_tokens(p, spec, cache_dir=tmp_path / "c")
+        assert src.tokenizer.to_dict() == char.to_dict()
+        assert src.tokens.tolist() == char.encode("cab ba\n")
+    # the cache key follows the file a run directory names
+    (run / "tokenizer.json").write_text(json.dumps({"type": "bytes"}))
+    assert data.open_tokens(p, str(run), cache_dir=tmp_path / "c").tokens.tolist() == list(
+        b"cab ba\n")
+    (run / "tokenizer.json").write_text("{broken")
+    with pytest.raises(tokenizers.TokenizerError, match=r"x/tokenizer\.json: not a readable"):
+        data.open_tokens(p, str(run), cache_dir=tmp_path / "c2")

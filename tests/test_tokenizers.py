@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from rwkv_jax.tokenizers import (WORLD_VOCAB_PATH, ByteTokenizer, CharTokenizer, HFTokenizer,
-                                 StreamDecoder, WorldTokenizer, get_tokenizer,
-                                 tokenizer_from_dict)
+                                 StreamDecoder, TokenizerError, WorldTokenizer, get_tokenizer,
+                                 resolve_tokenizer, tokenizer_from_dict)
 
 # Reference §6.
 WORLD_EXAMPLES = {
@@ -270,3 +270,107 @@ def test_stream_decoder_world_split_character(world):
     stream = StreamDecoder(world)
     assert [stream.feed(i) for i in ids] == ["", "", "你", "!"]
     assert stream.flush() == ""
+
+
+# ---- resolve_tokenizer: the one resolver ---------------------------------------------------
+
+def _write_json(path, obj):
+    path.write_text(json.dumps(obj), encoding="utf-8")
+    return path
+
+
+def test_resolve_named_specs_and_inference():
+    assert isinstance(resolve_tokenizer("bytes"), ByteTokenizer)
+    assert isinstance(resolve_tokenizer("byte"), ByteTokenizer)
+    assert isinstance(resolve_tokenizer("world"), WorldTokenizer)
+    assert isinstance(resolve_tokenizer(None, vocab_size=256), ByteTokenizer)
+    assert isinstance(resolve_tokenizer(None, vocab_size=65536), WorldTokenizer)
+    assert isinstance(resolve_tokenizer({"type": "bytes"}), ByteTokenizer)
+    tok = ByteTokenizer()
+    assert resolve_tokenizer(tok) is tok                       # an object passes through
+    with pytest.raises(TokenizerError, match="cannot infer.*vocab_size=1000"):
+        resolve_tokenizer(None, vocab_size=1000)
+    with pytest.raises(TokenizerError, match="no tokenizer given"):
+        resolve_tokenizer(None)
+    with pytest.raises(TokenizerError, match="unknown tokenizer 'gpt2'"):
+        resolve_tokenizer("gpt2")
+    assert issubclass(TokenizerError, ValueError)
+
+
+def test_resolve_char_needs_text():
+    tok = resolve_tokenizer("char", text=lambda: ["hello", " world"])
+    assert isinstance(tok, CharTokenizer) and tok.chars == " dehlorw"
+    assert resolve_tokenizer("char", text=["ba"]).chars == "ab"
+    with pytest.raises(TokenizerError, match="'char' builds its vocabulary"):
+        resolve_tokenizer("char")
+
+
+@pytest.mark.parametrize("tok", [ByteTokenizer(), CharTokenizer("ab\n"), WorldTokenizer()],
+                         ids=["bytes", "char", "world"])
+def test_resolve_run_directory_and_its_tokenizer_json(tmp_path, tok):
+    # What training writes: run_dir/tokenizer.json = tok.to_dict().
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_json(run / "tokenizer.json", tok.to_dict())
+    for spec in (run, str(run), str(run / "tokenizer.json")):
+        again = resolve_tokenizer(spec)
+        assert type(again) is type(tok) and again.to_dict() == tok.to_dict()
+    # spec None: the model's run directory wins over inference by vocab size
+    assert type(resolve_tokenizer(None, model_path=run, vocab_size=65536)) is type(tok)
+    # a run directory without one falls back to the vocab size
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert isinstance(resolve_tokenizer(None, model_path=bare, vocab_size=256), ByteTokenizer)
+    with pytest.raises(TokenizerError, match="bare: a directory without a tokenizer.json"):
+        resolve_tokenizer(bare)
+
+
+def test_resolve_vocab_larger_than_model_is_an_error():
+    with pytest.raises(TokenizerError, match="'world' has 65536 ids, the model only 256"):
+        resolve_tokenizer("world", vocab_size=256)
+    assert isinstance(resolve_tokenizer("bytes", vocab_size=65536), ByteTokenizer)
+
+
+@pytest.mark.parametrize("content,match", [
+    ("{not json", "not a readable tokenizer.json"),
+    ('{"type": "sentencepiece"}', "unknown tokenizer type 'sentencepiece'"),
+    ('{"type": "char"}', "lacks the 'chars' field"),
+    ('{"type": "char", "chars": ""}', "needs at least one character"),
+    ('{"type": "world", "path": "/nonexistent/vocab.txt"}', "bad tokenizer spec"),
+    ('["a", "list"]', "neither an rwkv-jax tokenizer spec"),
+    ('{"version": "1.0"}', "neither an rwkv-jax tokenizer spec"),
+    ('{"version": "1.0", "model": {"type": "Nonsense"}}', "not a valid Hugging Face"),
+])
+def test_resolve_malformed_tokenizer_json_names_the_file(tmp_path, content, match):
+    if "Hugging Face" in match:
+        pytest.importorskip("tokenizers")
+    bad = tmp_path / "run" / "tokenizer.json"
+    bad.parent.mkdir()
+    bad.write_text(content, encoding="utf-8")
+    for spec in (bad, bad.parent):
+        with pytest.raises(TokenizerError, match=match) as e:
+            resolve_tokenizer(spec)
+        assert str(bad) in str(e.value)
+    with pytest.raises(TokenizerError, match=match):
+        resolve_tokenizer(None, model_path=bad.parent, vocab_size=256)
+
+
+def test_resolve_hf_file_and_rwkv_spec_pointing_at_it(tmp_path, shared_dir):
+    pytest.importorskip("tokenizers", reason="Hugging Face `tokenizers` not installed")
+    hf = shared_dir / "data" / "tokenizers" / "20B_tokenizer.json"
+    tok = resolve_tokenizer(str(hf), vocab_size=50304)
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 50277
+    spec = _write_json(tmp_path / "tokenizer.json", tok.to_dict())  # a run dir of a 20B model
+    assert resolve_tokenizer(tmp_path).encode("Hello world") == [12092, 1533]
+    assert resolve_tokenizer(spec).encode("Hello world") == [12092, 1533]
+
+
+def test_resolve_world_vocab_txt(tmp_path):
+    tok = resolve_tokenizer(str(WORLD_VOCAB_PATH))
+    assert isinstance(tok, WorldTokenizer) and tok.encode("Hello world") == [33155, 40213]
+    bad = tmp_path / "vocab.txt"
+    bad.write_text("1 'a' 1\n3 'b' 2\n", encoding="utf-8")
+    with pytest.raises(TokenizerError, match="vocab.txt"):
+        resolve_tokenizer(bad)
+    with pytest.raises(TokenizerError, match="not found"):
+        resolve_tokenizer(str(tmp_path / "missing.txt"))
