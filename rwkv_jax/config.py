@@ -3,6 +3,8 @@
 Sizes that a checkpoint's tensor shapes determine (vocab, layers, width, FFN width, heads,
 LoRA ranks) are inferred by :func:`rwkv_jax.checkpoint.infer_config`; the rest (epsilons,
 dtypes, WKV implementation) are fields with the official defaults and can be overridden.
+Which fields a version has, and their defaults, each version module declares
+(:mod:`rwkv_jax.versions`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from rwkv_jax.ops.impl import WkvImpl
+from rwkv_jax.ops.impl import WkvImpl, resolve_impl
 
-VERSIONS = ("4", "5.1", "5.2", "6", "7")
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -26,23 +27,23 @@ class ConfigError(ValueError):
 class RWKVConfig:
     """Architecture and numerics of one RWKV language model.
 
-    Attributes:
-      version: "4", "5.1", "5.2", "6" or "7".
+    Common fields:
+      version: "4", "5.1", "5.2", "6" or "7" (:data:`rwkv_jax.versions.REGISTRY`).
       vocab_size, n_layer, n_embd: V, L, C.
       ffn_dim: channel-mix width F; ``None`` = the version's default (4C for v4/v7,
         int(3.5C)//32*32 for v5/v6).
-      head_size: N for v5+ (H = C/N heads); ignored by v4.
       ln_eps: LayerNorm eps (1e-5 in every official model).
-      ln_x_eps: GroupNorm eps of v5+ ``ln_x`` (official 64e-5; the tiny v5 fixtures use 1e-5).
-      d_mix, d_decay: RWKV-6 LoRA ranks (time_maa_w1/w2 and time_decay_w1/w2);
-        ``None`` = official x060 values 32 and 64.
-      d_decay, d_aaa, d_mv, d_gate: RWKV-7 LoRA ranks (w, a, v, g); ``None`` = the x070
-        formulas of :func:`rwkv7_lora_ranks` (64, 64, 32, 128 at C=768).
       param_dtype: dtype the parameters are stored in.
       compute_dtype: dtype of the matmuls; LayerNorms, WKV recurrences and the state
         always run in float32, logits are float32.
-      wkv_impl: a :class:`WkvImpl` value; "auto" picks by platform.
-      chunk_size: chunk length of the chunked WKV forms (v5+); ``None`` = the op's default.
+      wkv_impl: a :class:`WkvImpl` value the version's recurrence has; "auto" picks by
+        platform.
+      chunk_size: chunk length of the chunked WKV forms; ``None`` = the op's default.
+
+    Version fields (declared, with their defaults and meaning, by each version module's
+    ``SPEC.extras``; ``None`` = that default; setting one the version does not have is an
+    error): ``head_size`` and ``ln_x_eps`` (v5+), ``d_mix`` and ``d_decay`` (v6 LoRA ranks),
+    ``d_decay``, ``d_aaa``, ``d_mv``, ``d_gate`` (v7 LoRA ranks).
     """
 
     version: str = "4"
@@ -50,9 +51,9 @@ class RWKVConfig:
     n_layer: int = 4
     n_embd: int = 128
     ffn_dim: int | None = None
-    head_size: int = 64
+    head_size: int | None = None
     ln_eps: float = 1e-5
-    ln_x_eps: float = 64e-5
+    ln_x_eps: float | None = None
     d_mix: int | None = None
     d_decay: int | None = None
     d_aaa: int | None = None
@@ -64,48 +65,69 @@ class RWKVConfig:
     chunk_size: int | None = None
 
     def __post_init__(self):
-        if self.version not in VERSIONS:
-            raise ConfigError(f"version: {self.version!r} is not one of {', '.join(VERSIONS)}")
-        if isinstance(self.n_embd, int) and self.n_embd > 0:
-            defaults = dict(zip(("d_decay", "d_aaa", "d_mv", "d_gate"),
-                                rwkv7_lora_ranks(self.n_embd))) if self.version == "7" \
-                else {"d_mix": 32, "d_decay": 64}
-            for name in ("d_mix", "d_decay", "d_aaa", "d_mv", "d_gate"):
-                if getattr(self, name) is None:  # frozen: fill derived defaults once
-                    object.__setattr__(self, name, defaults.get(name, 32))
-        for name in ("vocab_size", "n_layer", "n_embd", "head_size", "d_mix", "d_decay",
-                     "d_aaa", "d_mv", "d_gate"):
+        from rwkv_jax import versions  # the registry imports model code, which imports this
+        if self.version not in versions.REGISTRY:
+            raise ConfigError(f"version: {self.version!r} is not one of "
+                              f"{', '.join(versions.VERSIONS)}")
+        spec = self.spec
+        for name in ("vocab_size", "n_layer", "n_embd"):
+            _positive_int(name, getattr(self, name))
+        for name, have in versions.all_extras().items():
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
-        if self.ffn_dim is not None and (not isinstance(self.ffn_dim, int) or self.ffn_dim <= 0):
-            raise ConfigError(f"ffn_dim: must be a positive integer or None, got {self.ffn_dim!r}")
-        if self.version != "4" and self.n_embd % self.head_size:
+            if name not in spec.extras:
+                if value is not None:
+                    raise ConfigError(
+                        f"{name}: {spec.title} has no such field (it is a field of RWKV-"
+                        f"{', '.join(have)}); {spec.title}'s own fields: "
+                        f"{', '.join(spec.extras) or 'none beyond the common ones'}")
+                continue
+            if value is None:  # frozen: fill the version's default once
+                object.__setattr__(self, name, spec.extras[name].default(self.n_embd))
+            if name == "ln_x_eps":
+                if not getattr(self, name) > 0:
+                    raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+            else:
+                _positive_int(name, getattr(self, name))
+        if self.ffn_dim is not None:
+            _positive_int("ffn_dim", self.ffn_dim)
+        if self.chunk_size is not None:
+            _positive_int("chunk_size", self.chunk_size)
+        if self.head_size is not None and self.n_embd % self.head_size:
             raise ConfigError(f"head_size: {self.head_size} does not divide n_embd={self.n_embd}")
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(_DTYPES)}")
         try:
-            WkvImpl.parse(self.wkv_impl)
+            impl = WkvImpl.parse(self.wkv_impl)
         except ValueError as e:
             raise ConfigError(f"wkv_impl: {e}") from None
-        for name in ("ln_eps", "ln_x_eps"):
-            if not getattr(self, name) > 0:
-                raise ConfigError(f"{name}: must be > 0, got {getattr(self, name)!r}")
+        if impl is not WkvImpl.AUTO and impl not in spec.wkv_forms:
+            raise ConfigError(f"wkv_impl: {spec.title} has no {impl.value!r} form; valid: auto, "
+                              f"{', '.join(f.value for f in spec.wkv_forms)}")
+        if not (isinstance(self.ln_eps, (int, float)) and self.ln_eps > 0):
+            raise ConfigError(f"ln_eps: must be > 0, got {self.ln_eps!r}")
 
-    # ---- derived sizes -------------------------------------------------------------------
+    # ---- derived ---------------------------------------------------------------------------
+    @property
+    def spec(self):
+        """This version's :class:`~rwkv_jax.versions.base.VersionSpec`."""
+        from rwkv_jax import versions
+        return versions.REGISTRY[self.version]
+
+    @property
+    def resolved_impl(self) -> WkvImpl:
+        """The concrete WKV form ``wkv_impl`` means on JAX's default platform."""
+        return resolve_impl(self.wkv_impl, self.spec.wkv_op, self.spec.wkv_forms)
+
     @property
     def ffn_size(self) -> int:
         """Channel-mix width F."""
-        if self.ffn_dim is not None:
-            return self.ffn_dim
-        if self.version in ("4", "7"):
-            return 4 * self.n_embd
-        return int(3.5 * self.n_embd) // 32 * 32
+        return self.ffn_dim if self.ffn_dim is not None else self.spec.ffn_size(self.n_embd)
 
     @property
-    def n_head(self) -> int:
-        return self.n_embd // self.head_size
+    def n_head(self) -> int | None:
+        """H = C / head_size for the matrix-state versions; None for RWKV-4."""
+        return None if self.head_size is None else self.n_embd // self.head_size
 
     @property
     def param_jnp_dtype(self):
@@ -126,17 +148,36 @@ class RWKVConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields this version has (version fields it lacks are left out)."""
+        d = dataclasses.asdict(self)
+        from rwkv_jax import versions
+        for name in versions.all_extras():
+            if name not in self.spec.extras:
+                d.pop(name)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RWKVConfig":
+        """Inverse of :meth:`to_dict`. Also reads dicts written before version fields were
+        checked: a version field the version does not have is dropped."""
+        from rwkv_jax import versions
+        d = dict(d)
+        version = d.get("version", "4")
+        if version in versions.REGISTRY:
+            for name in versions.all_extras():
+                if name not in versions.REGISTRY[version].extras:
+                    d.pop(name, None)
         return cls().replace(**d)
 
     @classmethod
     def tiny(cls, version: str = "4", **changes: Any) -> "RWKVConfig":
-        """A byte-level model small enough for unit tests (L2, C64, V256)."""
-        base = dict(version=version, vocab_size=256, n_layer=2, n_embd=64, head_size=16,
-                    d_mix=16, d_decay=16, d_aaa=16, d_mv=16, d_gate=16)
+        """A byte-level model small enough for unit tests (L2, C64, V256; heads of 16 and
+        LoRA ranks 16 where the version has them)."""
+        from rwkv_jax import versions
+        small = dict(head_size=16, d_mix=16, d_decay=16, d_aaa=16, d_mv=16, d_gate=16)
+        extras = versions.spec(version).extras
+        base = dict(version=version, vocab_size=256, n_layer=2, n_embd=64,
+                    **{k: v for k, v in small.items() if k in extras})
         return cls(**{**base, **changes})
 
     @classmethod
@@ -147,14 +188,9 @@ class RWKVConfig:
         return cls(**{**PRESETS[name], **changes})
 
 
-def rwkv7_lora_ranks(n_embd: int) -> tuple[int, int, int, int]:
-    """RWKV-7 (w, a, v, g) LoRA ranks of the x070 code: ``max(32, round(k·√C/32)·32)`` with
-    k = 1.8, 1.8, 1.3 and ``0.6·C^0.8`` for g (Python's round). C=768 -> (64, 64, 32, 128),
-    C=2048 -> (96, 96, 64, 256) as the released 0.1B and 1.5B models."""
-    def r(x):
-        return max(32, round(x / 32) * 32)
-    s = n_embd ** 0.5
-    return r(1.8 * s), r(1.8 * s), r(1.3 * s), r(0.6 * n_embd ** 0.8)
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name}: must be a positive integer, got {value!r}")
 
 
 # Official sizes. RWKV-4 Pile: 20B tokenizer, V=50277 (reference §2.3). v5/v6/v7 World

@@ -76,7 +76,7 @@ def _header(model, state) -> dict[str, Any]:
     header = {"format": STATE_FORMAT, "format_version": STATE_FORMAT_VERSION,
               "rwkv_version": cfg.version, "n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
               "batch_size": int(np.shape(leaves[0])[0])}
-    if cfg.version != "4":
+    if cfg.head_size is not None:  # the matrix-state versions
         header["head_size"] = cfg.head_size
     return header
 
@@ -168,7 +168,8 @@ def load_state(path: str | os.PathLike, model):
                       ("n_embd", cfg.n_embd)):
         if header.get(key) != want:
             problems.append(f"{key}: file {header.get(key)!r}, model {want!r}")
-    if cfg.version != "4" and "head_size" in header and header["head_size"] != cfg.head_size:
+    if cfg.head_size is not None and "head_size" in header \
+            and header["head_size"] != cfg.head_size:
         problems.append(f"head_size: file {header['head_size']!r}, model {cfg.head_size!r}")
     if problems:
         raise StateError(f"{path}: state is for another model (RWKV-{header.get('rwkv_version')}"

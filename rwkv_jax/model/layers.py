@@ -1,5 +1,9 @@
 """Building blocks shared by every RWKV version, with official parameter names.
 
+Linear, LayerNorm / GroupNorm, token shift, the official initialisers and init ratios, and
+the matrix-state time-mix base of RWKV-5/6/7. Version modules (:mod:`rwkv_jax.versions`)
+build on these and on nothing of each other's.
+
 Parameters are stored under the names and shapes of the official checkpoints
 (``weight`` of a Linear is ``[out, in]``), so a module's NNX state path joined with dots
 is the official key, e.g. ``blocks.3.att.key.weight``.
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model.functional import Module
 
 F32 = jnp.float32
@@ -60,6 +65,21 @@ def orthogonal(rng: np.random.Generator | None, shape: tuple[int, int], gain: fl
     return jnp.asarray((gain * q).astype(np.float32), dtype)
 
 
+def init_ratios(cfg: RWKVConfig, layer_id: int):
+    """``(r01, r10, ddd)`` of the official init: the layer's position ``i/(L-1)``, ``1 - i/L``
+    and the channel ramp ``c/C`` (float64 [C])."""
+    L, C = cfg.n_layer, cfg.n_embd
+    r01 = layer_id / (L - 1) if L > 1 else 0.0
+    r10 = 1.0 - layer_id / L
+    ddd = np.arange(C, dtype=np.float64) / C
+    return r01, r10, ddd
+
+
+def param_uniform(rngs: nnx.Rngs, shape, scale: float, dtype) -> nnx.Param:
+    """A parameter drawn U(-scale, scale) (official ``uniform_`` inits of LoRA matrices)."""
+    return nnx.Param(uniform(host_rng(rngs), shape, scale, dtype))
+
+
 class Linear(Module):
     """``y = x @ weight.T`` without bias; ``weight`` is ``[out, in]`` as in torch."""
 
@@ -87,6 +107,13 @@ class Linear(Module):
 
 
 _SMALL_COLS = 4
+
+
+def linear(cfg: RWKVConfig, rngs: nnx.Rngs, d_in: int, d_out: int, gain: float) -> Linear:
+    """A ``[d_out, d_in]`` Linear with the official ``orthogonal_(gain)`` init (gain 0 =
+    zeros), parameters in ``cfg.param_dtype``, matmuls in ``cfg.compute_dtype``."""
+    w = orthogonal(host_rng(rngs), (d_out, d_in), gain, cfg.param_jnp_dtype)
+    return Linear(d_in, d_out, init=w, compute_dtype=cfg.compute_jnp_dtype)
 
 
 def _weight_side_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -200,3 +227,48 @@ def mix_vector(values, param_dtype) -> nnx.Param:
 def vec(p: nnx.Param) -> jax.Array:
     """A mixing parameter in float32, official shape kept ([1, 1, C] broadcasts over [B, T, C])."""
     return p[...].astype(F32)
+
+
+# ---- the matrix-state time-mix base (RWKV-5, 6, 7) -------------------------------------------
+def heads(x: jax.Array, n_head: int) -> jax.Array:
+    """[B, T, C] -> [B, T, H, N]."""
+    B, T, C = x.shape
+    return x.reshape(B, T, n_head, C // n_head)
+
+
+def wkv_kwargs(cfg: RWKVConfig) -> tuple[tuple[str, object], ...]:
+    """Keyword arguments of the WKV op, as a hashable tuple (modules' static attributes
+    must hash: compiled functions are cached on the graph definition)."""
+    kw = {"impl": cfg.wkv_impl}
+    if cfg.chunk_size is not None:
+        kw["chunk_size"] = cfg.chunk_size
+    return tuple(kw.items())
+
+
+class MatrixStateTimeMix(Module):
+    """What RWKV-5, 6 and 7 time-mix share: r/k/v/output projections with the official
+    init, the per-head GroupNorm ``ln_x`` (weight ``((1+i)/L)^0.7``) and a float32
+    [B, H, N, N] WKV state."""
+
+    def _init_projections(self, cfg: RWKVConfig, layer_id: int, rngs: nnx.Rngs) -> None:
+        C, pd = cfg.n_embd, cfg.param_jnp_dtype
+        self.receptance = linear(cfg, rngs, C, C, 1.0)
+        self.key = linear(cfg, rngs, C, C, 0.1)
+        self.value = linear(cfg, rngs, C, C, 1.0)
+        self.output = linear(cfg, rngs, C, C, 0.0)
+        self.ln_x = LayerNorm(C, cfg.ln_x_eps, pd)
+        self.ln_x.weight = nnx.Param(
+            jnp.full((C,), ((1 + layer_id) / cfg.n_layer) ** 0.7, F32).astype(pd))
+        self.n_head = cfg.n_head
+        self.wkv_kwargs = wkv_kwargs(cfg)
+
+    def _group_norm(self, y: jax.Array) -> jax.Array:
+        """WKV output [B, T, H, N] -> ``ln_x`` GroupNorm over each head, [B, T, C] float32."""
+        B, T, H, N = y.shape
+        return group_norm(y.reshape(B, T, H * N), self.ln_x.weight[...], self.ln_x.bias[...],
+                          H, self.ln_x.eps)
+
+    @staticmethod
+    def init_state(cfg: RWKVConfig, batch_size: int) -> jax.Array:
+        N = cfg.head_size
+        return jnp.zeros((batch_size, cfg.n_head, N, N), F32)

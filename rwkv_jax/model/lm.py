@@ -1,6 +1,6 @@
 """The RWKV language model: embedding, ``ln0``, blocks, ``ln_out``, head (reference §1).
 
-``RWKV(cfg, rngs=...)`` builds any version registered in :data:`MIXERS`; parameter paths
+``RWKV(cfg, rngs=...)`` builds any version of :mod:`rwkv_jax.versions`; parameter paths
 are the official checkpoint keys. The model is a pure function of its inputs and a state::
 
     logits, state = model(tokens)                     # [B, T] int -> [B, T, V] float32
@@ -32,10 +32,6 @@ from flax import nnx
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model import functional
 from rwkv_jax.model.layers import F32, Module, LayerNorm, Linear, host_rng, orthogonal, uniform
-from rwkv_jax.model.rwkv4 import ChannelMix4, TimeMix4
-from rwkv_jax.model.rwkv5 import TimeMix5
-from rwkv_jax.model.rwkv6 import ChannelMix6, TimeMix6
-from rwkv_jax.model.rwkv7 import ChannelMix7, TimeMix7
 
 
 class LayerState(NamedTuple):
@@ -68,16 +64,6 @@ def prefill_chunks(n: int) -> list[int]:
         n %= size
     return sizes
 
-# version -> (time-mix class, channel-mix class)
-MIXERS: dict[str, tuple[type, type]] = {
-    "4": (TimeMix4, ChannelMix4),
-    "5.1": (TimeMix5, ChannelMix4),
-    "5.2": (TimeMix5, ChannelMix4),
-    "6": (TimeMix6, ChannelMix6),
-    "7": (TimeMix7, ChannelMix7),
-}
-
-
 class Embedding(Module):
     """Token embedding ``weight [V, C]`` (official ``emb.weight``)."""
 
@@ -94,14 +80,14 @@ class Block(Module):
     """Pre-LN residual block: ``x += att(ln1(x)); x += ffn(ln2(x))``; layer 0 owns ``ln0``."""
 
     def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):
-        att_cls, ffn_cls = MIXERS[cfg.version]
+        spec = cfg.spec
         pd = cfg.param_jnp_dtype
         if layer_id == 0:
             self.ln0 = LayerNorm(cfg.n_embd, cfg.ln_eps, pd)
         self.ln1 = LayerNorm(cfg.n_embd, cfg.ln_eps, pd)
         self.ln2 = LayerNorm(cfg.n_embd, cfg.ln_eps, pd)
-        self.att = att_cls(cfg, layer_id, rngs=rngs)
-        self.ffn = ffn_cls(cfg, layer_id, rngs=rngs)
+        self.att = spec.time_mix(cfg, layer_id, rngs=rngs)
+        self.ffn = spec.channel_mix(cfg, layer_id, rngs=rngs)
 
     def __call__(self, x, state: LayerState, v_first=None):
         """x: [B, T, C] float32 residual stream -> (x, new LayerState, v_first)."""
@@ -123,9 +109,6 @@ class RWKV(Module):
     """
 
     def __init__(self, cfg: RWKVConfig, *, rngs: nnx.Rngs):
-        if cfg.version not in MIXERS:
-            raise NotImplementedError(f"RWKV-{cfg.version} is not implemented; "
-                                      f"available: {', '.join(MIXERS)}")
         self.config = cfg
         pd, V, C = cfg.param_jnp_dtype, cfg.vocab_size, cfg.n_embd
         self.emb = Embedding(cfg, rngs=rngs)
@@ -200,9 +183,8 @@ def init_state(cfg: RWKVConfig, batch_size: int) -> RWKVState:
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
             or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    att_cls, _ = MIXERS[cfg.version]
     zeros = jnp.zeros((int(batch_size), cfg.n_embd), jnp.float32)
-    return tuple(LayerState(zeros, att_cls.init_state(cfg, int(batch_size)), zeros)
+    return tuple(LayerState(zeros, cfg.spec.time_mix.init_state(cfg, int(batch_size)), zeros)
                  for _ in range(cfg.n_layer))
 
 

@@ -94,7 +94,7 @@ class MeshConfig:
     data: int = -1
 
 
-_MODEL_DEFAULTS = dict(version="4", n_layer=4, n_embd=256, head_size=64)
+_MODEL_DEFAULTS = dict(version="4", n_layer=4, n_embd=256)
 
 
 def _model_default() -> RWKVConfig:

@@ -17,21 +17,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rwkv_jax import versions
 from rwkv_jax.train.config import OptimizerConfig, ScheduleConfig
 
 L2WRAP_FACTOR = 1e-4
 
 
 def lr_multiplier(path: str, version: str, layerwise_lr: bool = True) -> float:
-    """Learning-rate scale of the parameter with dotted name ``path`` (official groups)."""
+    """Learning-rate scale of the parameter with dotted name ``path``: the version's official
+    groups (``SPEC.lr_multipliers``, by leaf name), 1 elsewhere or without layerwise_lr."""
     if not layerwise_lr:
         return 1.0
-    leaf = path.rsplit(".", 1)[-1]
-    if leaf == "time_first":
-        return 3.0
-    if leaf == "time_decay" or (version == "7" and leaf == "w0"):
-        return 2.0
-    return 1.0
+    return versions.spec(version).lr_multipliers.get(path.rsplit(".", 1)[-1], 1.0)
 
 
 def decays(path: str, ndim: int) -> bool:

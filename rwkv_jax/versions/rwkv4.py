@@ -1,4 +1,5 @@
-"""RWKV-4 time-mix and channel-mix (reference §2), official names, init and numerics."""
+"""RWKV-4 (reference §2): time-mix and channel-mix with official names, init and numerics,
+and everything else specific to the version (:data:`SPEC`)."""
 
 from __future__ import annotations
 
@@ -10,28 +11,15 @@ import numpy as np
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.layers import (Module, F32, Linear, host_rng, mix_vector, orthogonal,
-                                   token_shift, vec)
-from rwkv_jax.ops.wkv4 import Wkv4State, wkv4
+from rwkv_jax.io import names
+from rwkv_jax.model.layers import (F32, Module, init_ratios, linear, mix_vector, token_shift,
+                                   vec)
+from rwkv_jax.ops.wkv4 import SUPPORTED, Wkv4State, wkv4
+from rwkv_jax.versions.base import VersionSpec
 
 
-def _ratios(cfg: RWKVConfig, layer_id: int):
-    """(r01, r10, ddd) of the official init: layer position and channel ramp c/C."""
-    L, C = cfg.n_layer, cfg.n_embd
-    r01 = layer_id / (L - 1) if L > 1 else 0.0
-    r10 = 1.0 - layer_id / L
-    ddd = np.arange(C, dtype=np.float64) / C
-    return r01, r10, ddd
-
-
-def _linear(cfg, rngs, d_in, d_out, gain):
-    """A Linear with the official orthogonal(gain) init (gain 0 = zeros)."""
-    w = orthogonal(host_rng(rngs), (d_out, d_in), gain, cfg.param_jnp_dtype)
-    return Linear(d_in, d_out, init=w, compute_dtype=cfg.compute_jnp_dtype)
-
-
-def _gain(d_out, d_in):
-    """v4neo: ``sqrt(out/in)`` when the matrix expands, else 1."""
+def expand_gain(d_out: int, d_in: int) -> float:
+    """v4neo's orthogonal gain: ``sqrt(out/in)`` when the matrix expands, else 1."""
     return math.sqrt(d_out / d_in) if d_out > d_in else 1.0
 
 
@@ -44,7 +32,7 @@ class TimeMix4(Module):
 
     def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):
         C, pd = cfg.n_embd, cfg.param_jnp_dtype
-        r01, r10, ddd = _ratios(cfg, layer_id)
+        r01, r10, ddd = init_ratios(cfg, layer_id)
         h = np.arange(C, dtype=np.float64)
         decay = -5 + 8 * (h / max(C - 1, 1)) ** (0.7 + 1.3 * r01)
         zigzag = ((h + 1) % 3) - 1
@@ -53,10 +41,10 @@ class TimeMix4(Module):
         self.time_mix_k = mix_vector(ddd ** r10, pd)
         self.time_mix_v = mix_vector(ddd ** r10 + 0.3 * r01, pd)
         self.time_mix_r = mix_vector(ddd ** (0.5 * r10), pd)
-        self.key = _linear(cfg, rngs, C, C, 0.0)
-        self.value = _linear(cfg, rngs, C, C, _gain(C, C))
-        self.receptance = _linear(cfg, rngs, C, C, 0.0)
-        self.output = _linear(cfg, rngs, C, C, 0.0)
+        self.key = linear(cfg, rngs, C, C, 0.0)
+        self.value = linear(cfg, rngs, C, C, expand_gain(C, C))
+        self.receptance = linear(cfg, rngs, C, C, 0.0)
+        self.output = linear(cfg, rngs, C, C, 0.0)
         self.impl = cfg.wkv_impl
 
     def __call__(self, x, x_prev, state: Wkv4State, v_first=None):
@@ -78,17 +66,19 @@ class ChannelMix4(Module):
     """RWKV-4/5 feed-forward: ``sigmoid(r) ⊙ (relu(k)² @ Wv.T)`` with token-shift mixing.
 
     Call: ``(x [B,T,C], x_prev [B,C])`` -> ``(out [B,T,C], new x_prev [B,C] f32)``.
+    ``expand_key``: init the key matrix with v4neo's ``sqrt(F/C)`` gain (RWKV-5 uses 1).
     """
+
+    expand_key = True
 
     def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):
         C, F, pd = cfg.n_embd, cfg.ffn_size, cfg.param_jnp_dtype
-        _, r10, ddd = _ratios(cfg, layer_id)
+        _, r10, ddd = init_ratios(cfg, layer_id)
         self.time_mix_k = mix_vector(ddd ** r10, pd)
         self.time_mix_r = mix_vector(ddd ** r10, pd)
-        # v4neo scales by sqrt(out/in); RWKV-5 uses gain 1
-        self.key = _linear(cfg, rngs, C, F, _gain(F, C) if cfg.version == "4" else 1.0)
-        self.receptance = _linear(cfg, rngs, C, C, 0.0)
-        self.value = _linear(cfg, rngs, F, C, 0.0)
+        self.key = linear(cfg, rngs, C, F, expand_gain(F, C) if self.expand_key else 1.0)
+        self.receptance = linear(cfg, rngs, C, C, 0.0)
+        self.value = linear(cfg, rngs, F, C, 0.0)
 
     def __call__(self, x, x_prev):
         xx = token_shift(x, x_prev)
@@ -96,3 +86,19 @@ class ChannelMix4(Module):
         k = jnp.square(jax.nn.relu(self.key(x * mk + xx * (1 - mk))))
         r = jax.nn.sigmoid(self.receptance(x * mr + xx * (1 - mr)).astype(F32))
         return r * self.value(k).astype(F32), x[:, -1].astype(F32)
+
+
+SPEC = VersionSpec(
+    version="4",
+    title="RWKV-4",
+    time_mix=TimeMix4,
+    channel_mix=ChannelMix4,
+    wkv_op="wkv4",
+    wkv_forms=SUPPORTED,
+    extras={},
+    ffn_size=lambda C: 4 * C,
+    detect=lambda shapes: True,  # asked last: what is not a later version is RWKV-4
+    infer=lambda shapes: {},
+    lr_multipliers={"time_first": 3.0, "time_decay": 2.0},
+    names={"hf": names.HF_PREFIXED},
+)

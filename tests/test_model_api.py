@@ -1,0 +1,158 @@
+"""The model as a library: ``model(tokens, state)`` called the way the README shows.
+
+Compiled once per shape however it is called, bounded memory over many calls, prompts of
+any length without a compile per length, ``logits_to_keep``, state checks, and the cached
+graph walk noticing structure changes.
+"""
+
+from __future__ import annotations
+
+import resource
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from compile_count import CompileCounter
+from flax import nnx
+
+import rwkv_jax
+from rwkv_jax.model.lm import PREFILL_SIZES, prefill_chunks
+from rwkv_jax.tokenizers import ByteTokenizer
+
+CFG7 = rwkv_jax.RWKVConfig.tiny("7", n_layer=2)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return rwkv_jax.RWKV(CFG7, rngs=nnx.Rngs(0))
+
+
+def _tokens(n, seed=0, batch=1):
+    return np.random.default_rng(seed).integers(0, 256, (batch, n)).astype(np.int32)
+
+
+def _maps() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_prefill_chunks_cover_every_length():
+    for n in (1, 3, 77, 1000, 5000):
+        sizes = prefill_chunks(n)
+        assert sum(sizes) == n and set(sizes) <= set(PREFILL_SIZES)
+        assert sizes == sorted(sizes, reverse=True)
+
+
+def test_new_lengths_compile_nothing_after_warmup(model):
+    """Once every chunk length has run, prompts of new lengths reuse those programs."""
+    for size in PREFILL_SIZES[1:]:  # 256, 64, 16, 4, 1 (1024 is only needed beyond 1024)
+        model(_tokens(size))
+        model(_tokens(size), logits_to_keep=1)
+    model(_tokens(300), logits_to_keep=1)  # the other keep variants: none, partial
+    model(_tokens(300), logits_to_keep=70)
+    with CompileCounter() as c:
+        for n in (10, 100, 333, 999):
+            logits, _ = model(_tokens(n, seed=n), logits_to_keep=1)
+            assert logits.shape == (1, 1, 256)
+    assert c.compiles == 0
+
+
+def test_split_equals_whole_for_any_length(model):
+    x = _tokens(333, seed=1)
+    whole, s_whole = nnx.jit(lambda m, t: m(t))(model, x)  # one traced call, unchunked
+    eager, s_eager = model(x)                              # chunked 256 + 64 + 3 x 4 + 1
+    np.testing.assert_allclose(np.asarray(eager), np.asarray(whole), atol=1e-5, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(s_eager), jax.tree.leaves(s_whole)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+
+
+def test_memory_mappings_flat_over_500_calls(model):
+    state = None
+    for _ in range(20):  # warm-up: compile the one-token call
+        _, state = model(_tokens(1), state)
+    before, rss0 = _maps(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with CompileCounter() as c:
+        for i in range(500):
+            _, state = model(_tokens(1, seed=i), state)
+        state = model.init_state(1)
+    jax.block_until_ready(state)
+    grown = _maps() - before
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0
+    assert c.compiles == 0
+    assert grown < 10, f"{grown} new memory mappings over 500 calls"
+    assert rss_kb < 50_000, f"peak RSS grew by {rss_kb} kB over 500 calls"
+
+
+def test_state_helpers_compile_once(model, tmp_path):
+    path = tmp_path / "s.npz"
+    _, state = model(_tokens(4))
+    rwkv_jax.save_state(path, state, model)
+    rwkv_jax.load_state(path, model)
+    model.init_state(3)
+    with CompileCounter() as c:
+        for _ in range(5):
+            model.init_state(3)
+            rwkv_jax.save_state(path, state, model)
+            loaded = rwkv_jax.load_state(path, model)
+            model(_tokens(4), loaded)
+    assert c.compiles == 0
+
+
+def test_generate_and_stream_compile_once(model):
+    tok = ByteTokenizer()
+    rwkv_jax.generate(model, tok, "Hello", max_tokens=4, temperature=0)
+    list(rwkv_jax.stream(model, tok, ["Hi there", "Hi you!!"], max_tokens=4, temperature=0.8))
+    with CompileCounter() as c:
+        rwkv_jax.generate(model, tok, "Howdy", max_tokens=8, temperature=0)
+        list(rwkv_jax.stream(model, tok, ["Yo there", "Hey you!"], max_tokens=8,
+                             temperature=1.2, top_p=0.5))
+    assert c.compiles == 0
+
+
+def test_logits_to_keep_validated(model):
+    for bad in (-1, 1.5, True, "1"):
+        with pytest.raises(ValueError, match="logits_to_keep"):
+            model(_tokens(3), logits_to_keep=bad)
+
+
+def test_bad_tokens_and_state_are_clear_errors(model):
+    with pytest.raises(ValueError, match="token ids must be in 0..255"):
+        model(np.array([[1, 256]], np.int32))
+    with pytest.raises(ValueError, match=r"\[batch, time\]"):
+        model(np.array([1, 2], np.int32))
+    with pytest.raises(ValueError, match="integers"):
+        model(np.array([[1.0, 2.0]], np.float32))
+    _, state = model(_tokens(2, batch=2))
+    with pytest.raises(ValueError, match="state does not fit"):
+        model(_tokens(2), state)
+
+
+def test_parameter_updates_and_structure_changes_are_seen():
+    m = rwkv_jax.RWKV(CFG7, rngs=nnx.Rngs(1))
+    x = _tokens(5)
+    a, _ = m(x)
+    m.head.weight[...] = jnp.zeros_like(m.head.weight[...])     # in-place update
+    b, _ = m(x)
+    assert float(jnp.abs(b).max()) == 0.0 and float(jnp.abs(a).max()) > 0
+    m.head.weight = nnx.Param(jnp.ones_like(m.head.weight[...]))  # a new Variable
+    c, _ = m(x)
+    assert float(jnp.abs(c).max()) > 0
+
+
+def test_call_inside_vmap_and_grad_wrt_state(model):
+    """Traced contexts other than jit: vmap over a batch of sequences, grad w.r.t. a state."""
+    x = _tokens(6, batch=3)
+    _, s0 = model(x)
+    graphdef, params = nnx.split(model)
+
+    def last_logit_sum(state):
+        logits, _ = nnx.merge(graphdef, params)(x, state)
+        return jnp.sum(logits[:, -1])
+
+    g = jax.grad(last_logit_sum)(s0)
+    assert jax.tree.structure(g) == jax.tree.structure(s0)
+    assert any(float(jnp.abs(leaf).max()) > 0 for leaf in jax.tree.leaves(g))
+    per_row = jax.vmap(lambda t: nnx.merge(graphdef, params)(t[None])[0][0])(x)
+    full, _ = model(x)
+    np.testing.assert_allclose(np.asarray(per_row), np.asarray(full), atol=1e-5, rtol=1e-5)
