@@ -607,13 +607,16 @@ def verify(path: PathLike, **overrides: Any) -> list[str]:
     all is reported as one problem.
     """
     path = pathlib.Path(path)
+    try:
+        file = _model_file(path)
+    except CheckpointError as e:
+        return [str(e)]
     problems = []
     try:
         overrides = _with_run_config(path, overrides)
     except CheckpointError as e:
         problems.append(str(e))
     try:
-        file = _model_file(path)
         if _format(file) == "pth":
             problems += [f"{file}: {p}" for p in verify_pth(file)]
         tensors = read_tensors(file)

@@ -64,4 +64,5 @@ def nonfinite_summary(arrays: Mapping[str, np.ndarray], what: str = "tensor",
         return None
     shown = ", ".join(f"'{name}' ({n} of {size})" for name, n, size in bad[:limit])
     more = f" and {len(bad) - limit} more" if len(bad) > limit else ""
-    return f"{len(bad)} {what}{'s' if len(bad) > 1 else ''} hold NaN/inf values: {shown}{more}"
+    verb = f"{what}s hold" if len(bad) > 1 else f"{what} holds"
+    return f"{len(bad)} {verb} NaN/inf values: {shown}{more}"
