@@ -508,8 +508,8 @@ def model_tensors(model: RWKV) -> dict[str, np.ndarray]:
     return {_key(path): np.asarray(var[...]) for path, var in flat}
 
 
-_FLOAT_KINDS = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64),
-                np.dtype(jnp.bfloat16)}
+_FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64),
+                 np.dtype(jnp.bfloat16)}
 
 
 def _official(tensors: Mapping[str, Any], overrides: Mapping[str, Any]):
@@ -535,7 +535,7 @@ def _mismatches(tensors: Mapping[str, Any], expected: Mapping[str, Any]) -> list
         want, got = tuple(expected[k].get_value().shape), tuple(tensors[k].shape)
         if want != got:
             problems.append(f"{k}: shape {got}, expected {want}")
-        elif np.dtype(tensors[k].dtype) not in _FLOAT_KINDS:
+        elif np.dtype(tensors[k].dtype).newbyteorder("=") not in _FLOAT_DTYPES:
             problems.append(f"{k}: dtype {tensors[k].dtype}, expected a float dtype")
     return problems
 
