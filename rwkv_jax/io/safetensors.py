@@ -130,8 +130,9 @@ def read_safetensors(path: str | os.PathLike, *, mmap: bool = True
                            f" (expected to start at {pos})")
             pos = end
         if pos != buffer:
+            why = "truncated" if pos > buffer else "extra bytes"
             raise _bad(path_s, f"the tensors cover {pos} bytes of data but the file holds "
-                       f"{buffer} after the header ({'truncated' if pos > buffer else 'extra bytes'})")
+                       f"{buffer} after the header ({why})")
 
         start = 8 + n
         if mmap and buffer:
