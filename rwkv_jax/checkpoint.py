@@ -22,11 +22,14 @@ from flax import nnx
 
 from rwkv_jax import versions
 from rwkv_jax.config import ConfigError, RWKVConfig
-from rwkv_jax.io.pth import CheckpointError, read_pth, write_pth
+from rwkv_jax.io.files import describe, open_regular
+from rwkv_jax.io.finite import nonfinite_summary
+from rwkv_jax.io.pth import CheckpointError, read_pth, verify_pth, write_pth
+from rwkv_jax.io.safetensors import read_safetensors
 from rwkv_jax.model.lm import RWKV
-from rwkv_jax.rundir import RunDir
+from rwkv_jax.rundir import RunDir, path_kind
 
-__all__ = ["CheckpointError", "load", "save", "read_tensors", "infer_config",
+__all__ = ["CheckpointError", "load", "save", "verify", "read_tensors", "infer_config",
            "model_from_tensors", "model_tensors", "to_official_names", "to_hf_names",
            "to_fla_names"]
 
@@ -47,9 +50,11 @@ def to_official_names(tensors: Mapping[str, Any]) -> dict[str, Any]:
 def _names_for(version: str, style: str):
     spec = versions.spec(version)
     if style not in spec.names:
-        have = ", ".join(sorted(spec.names)) or "none"
-        raise ValueError(f"{spec.title} has no {style!r} names (it has: {have}); use "
-                         f"names='official'" + (" or 'hf'" if "hf" in spec.names else ""))
+        having = " and ".join(f"RWKV-{v}" for v, s in sorted(versions.REGISTRY.items())
+                              if style in s.names)
+        others = " or ".join(repr(n) for n in ("official", *sorted(spec.names)))
+        raise ValueError(f"{spec.title} has no {style!r} names (only {having} have them); "
+                         f"use names={others}")
     return spec.names[style]
 
 
@@ -68,15 +73,6 @@ def to_fla_names(tensors: Mapping[str, Any], version: str) -> dict[str, Any]:
 
 
 # ---- reading -----------------------------------------------------------------------------
-def _read_safetensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, struct.error) as e:
-        raise CheckpointError(f"{path}: not a readable .safetensors file ({e})") from None
-
-
 def _looks_like_safetensors(head: bytes) -> bool:
     if len(head) < 9:
         return False
@@ -84,27 +80,38 @@ def _looks_like_safetensors(head: bytes) -> bool:
     return 2 <= n < (1 << 30) and head[8:9] == b"{"
 
 
-def read_tensors(path: PathLike) -> dict[str, np.ndarray]:
+def _format(file: pathlib.Path) -> str:
+    """"pth" or "safetensors", by content (not by suffix)."""
+    try:
+        with open_regular(file) as f:
+            head = f.read(16)
+    except FileNotFoundError:
+        raise CheckpointError(f"{file}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read: {describe(e)}") from None
+    if head[:4] == b"PK\x03\x04":
+        return "pth"
+    if _looks_like_safetensors(head):
+        return "safetensors"
+    if not head:
+        raise CheckpointError(f"{file}: file is empty")
+    raise CheckpointError(f"{file}: not an RWKV checkpoint (neither a zip-format .pth nor "
+                          f".safetensors; first bytes {head[:8]!r})")
+
+
+def read_tensors(path: PathLike, *, verify: bool = False) -> dict[str, np.ndarray]:
     """Every tensor of a checkpoint as numpy arrays, by content (not by file suffix).
 
     Accepts an official/torch ``.pth`` (zip), a ``.safetensors`` file, or a directory
-    holding ``model.safetensors`` (a run directory). Raises :class:`CheckpointError`.
+    holding ``model.safetensors`` (a run directory); anything but a regular file or a
+    directory (a FIFO, socket, device) is refused without blocking. Tensors are memory-mapped
+    views. ``verify`` also checks a ``.pth``'s CRCs (a ``.safetensors`` header is always
+    checked against the file). Raises :class:`CheckpointError` naming the file and problem.
     """
-    path = pathlib.Path(path)
-    if path.is_dir():
-        return read_tensors(RunDir(path).model_file())
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if head[:4] == b"PK\x03\x04":
-        return read_pth(path)
-    if _looks_like_safetensors(head):
-        return _read_safetensors(path)
-    if not head:
-        raise CheckpointError(f"{path}: file is empty")
-    raise CheckpointError(f"{path}: not an RWKV checkpoint (neither a zip-format .pth nor "
-                          f".safetensors; first bytes {head[:8]!r})")
+    file = RunDir(path).checkpoint_file()
+    if _format(file) == "pth":
+        return read_pth(file, verify=verify)
+    return read_safetensors(file)[0]
 
 
 # ---- config inference --------------------------------------------------------------------
@@ -123,6 +130,33 @@ def detect_version(tensors: Mapping[str, Any]) -> str:
     return versions.detect(_shapes(tensors)).version
 
 
+def _layer_count(tensors: Mapping[str, Any]) -> int:
+    """The number of layers: the ``blocks.N.`` indices must run 0..L-1 without gaps.
+
+    Each index is bounded by the number of tensors before it is used, so a key like
+    ``blocks.100000000.att.key.weight`` is named in an error instead of building 10^8 layers.
+    """
+    layers: dict[int, str] = {}
+    for key in tensors:
+        if m := re.match(r"blocks\.(\d+)\.", key):
+            digits = m.group(1)
+            if len(digits) > 9 or int(digits) >= len(tensors):
+                raise CheckpointError(
+                    f"key '{key:.120}' names layer {digits:.20}, but the checkpoint holds only "
+                    f"{len(tensors)} tensors (layer indices must run from 0 without gaps)")
+            layers.setdefault(int(digits), key)
+    if not layers:
+        raise CheckpointError("not an RWKV checkpoint: no 'blocks.N.*' tensors")
+    last = max(layers)
+    if last != len(layers) - 1:
+        missing = sorted(set(range(last + 1)) - set(layers))
+        shown = ", ".join(map(str, missing[:10])) + (", ..." if len(missing) > 10 else "")
+        raise CheckpointError(
+            f"key '{layers[last]:.120}' names layer {last}, but layers {shown} have no tensors "
+            "(layer indices must run from 0 without gaps)")
+    return len(layers)
+
+
 def infer_config(tensors: Mapping[str, Any], **overrides: Any) -> RWKVConfig:
     """Infer a full :class:`RWKVConfig` from official-named tensors, then apply overrides.
 
@@ -131,17 +165,18 @@ def infer_config(tensors: Mapping[str, Any], **overrides: Any) -> RWKVConfig:
     spec = versions.spec(detect_version(tensors))
     shapes = _shapes(tensors)
     emb = shapes["emb.weight"]
-    if len(emb) != 2:
-        raise CheckpointError(f"emb.weight: expected a [vocab, n_embd] matrix, got shape {emb}")
+    if len(emb) != 2 or 0 in emb:
+        raise CheckpointError(f"tensor 'emb.weight' has shape {emb}, expected 2-D "
+                              "[vocab_size, n_embd] (malformed)")
     V, C = emb
-    layers = {int(m.group(1)) for k in shapes if (m := re.match(r"blocks\.(\d+)\.", k))}
-    if not layers:
-        raise CheckpointError("not an RWKV checkpoint: no 'blocks.N.*' tensors")
-    fields: dict[str, Any] = dict(version=spec.version, vocab_size=int(V), n_embd=int(C),
-                                  n_layer=max(layers) + 1)
+    fields: dict[str, Any] = dict(version=spec.version, vocab_size=V, n_embd=C,
+                                  n_layer=_layer_count(tensors))
     ffn_key = shapes.get("blocks.0.ffn.key.weight")
-    if ffn_key is not None and ffn_key:
-        fields["ffn_dim"] = int(ffn_key[0])
+    if ffn_key is not None:
+        if len(ffn_key) != 2 or 0 in ffn_key:
+            raise CheckpointError(f"tensor 'blocks.0.ffn.key.weight' has shape {ffn_key}, "
+                                  "expected 2-D [ffn_dim, n_embd] (malformed)")
+        fields["ffn_dim"] = ffn_key[0]
     fields.update(spec.infer(shapes))
     missing = sorted(k for k, v in fields.items() if v is None)
     if missing:
@@ -164,17 +199,20 @@ def model_tensors(model: RWKV) -> dict[str, np.ndarray]:
     return {_key(path): np.asarray(var[...]) for path, var in flat}
 
 
-def model_from_tensors(tensors: Mapping[str, Any], **overrides: Any) -> RWKV:
-    """Build a model from official- or HF-named tensors; config inferred from shapes.
+_FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64),
+                 np.dtype(jnp.bfloat16)}
 
-    Every unknown, missing or wrongly shaped key is collected into one CheckpointError.
-    """
+
+def _official(tensors: Mapping[str, Any], overrides: Mapping[str, Any]):
+    """(official-named tensors, inferred config): the tensors a model of ``cfg`` takes."""
     tensors = to_official_names(tensors)
     cfg = infer_config(tensors, **overrides)
     tensors = cfg.spec.drop_unused(tensors)
-    abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    expected = {_key(p): v for p, v in nnx.to_flat_state(params)}
+    return tensors, cfg
+
+
+def _mismatches(tensors: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """Every unknown, missing, wrongly shaped or non-float key, one line per kind/key."""
     problems = []
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
@@ -186,31 +224,104 @@ def model_from_tensors(tensors: Mapping[str, Any], **overrides: Any) -> RWKV:
         want, got = tuple(expected[k].get_value().shape), tuple(tensors[k].shape)
         if want != got:
             problems.append(f"{k}: shape {got}, expected {want}")
-    if problems:
-        raise CheckpointError(f"checkpoint does not match an {cfg.spec.title} model "
-                              f"(L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}):\n  "
-                              + "\n  ".join(problems))
+        elif np.dtype(tensors[k].dtype).newbyteorder("=") not in _FLOAT_DTYPES:
+            problems.append(f"{k}: dtype {tensors[k].dtype}, expected a float dtype")
+    return problems
+
+
+def _mismatch_error(cfg: RWKVConfig, problems: list[str]) -> CheckpointError:
+    return CheckpointError(f"checkpoint does not match an {cfg.spec.title} model "
+                           f"(L{cfg.n_layer} C{cfg.n_embd} V{cfg.vocab_size}):\n  "
+                           + "\n  ".join(problems))
+
+
+def model_from_tensors(tensors: Mapping[str, Any], **overrides: Any) -> RWKV:
+    """Build a model from official- or HF-named tensors; config inferred from shapes.
+
+    Every unknown, missing, wrongly shaped or non-float key is collected into one
+    CheckpointError.
+    """
+    tensors, cfg = _official(tensors, overrides)
+    abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    expected = {_key(p): v for p, v in nnx.to_flat_state(params)}
+    if problems := _mismatches(tensors, expected):
+        raise _mismatch_error(cfg, problems)
     pd = cfg.param_jnp_dtype
     for path, var in nnx.to_flat_state(params):
         var.set_value(jnp.asarray(np.asarray(tensors[_key(path)]), dtype=pd))
     return nnx.merge(graphdef, params, rest)
 
 
-def load(path: PathLike, **overrides: Any) -> RWKV:
+def _with_run_config(path: pathlib.Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``overrides`` on top of what a run directory's config.json fixes."""
+    if "version" in overrides or path_kind(path) != "dir":
+        return dict(overrides)
+    return {**RunDir(path).config_overrides(), **overrides}
+
+
+def load(path: PathLike, *, verify: bool = False, allow_nonfinite: bool = False,
+         **overrides: Any) -> RWKV:
     """Load an official ``.pth``, a ``.safetensors`` (official, HF or FLA names) or a run
     directory.
 
     ``overrides`` set config fields that shapes cannot tell, e.g. ``ln_x_eps=1e-5``,
     ``compute_dtype="bfloat16"``, ``wkv_impl="associative"``. Unknown names raise.
+
+    Loading options (not config fields): ``verify=True`` checks every CRC of a ``.pth``
+    first (a full read of the file; see :func:`verify` for a report instead of an error);
+    weights holding NaN/inf are refused unless ``allow_nonfinite=True``.
     """
     path = pathlib.Path(path)
-    if path.is_dir() and "version" not in overrides:
-        overrides = {**RunDir(path).config_overrides(), **overrides}
-    tensors = read_tensors(path)
+    overrides = _with_run_config(path, overrides)
+    file = RunDir(path).checkpoint_file()
+    tensors = read_tensors(file, verify=verify)
+    if not allow_nonfinite and (problem := nonfinite_summary(tensors)):
+        raise CheckpointError(f"{file}: {problem} (pass allow_nonfinite=True to load it "
+                              "anyway)")
     try:
         return model_from_tensors(tensors, **overrides)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+
+
+def verify(path: PathLike, **overrides: Any) -> list[str]:
+    """Check a checkpoint without building a model; the problems found, ``[]`` if none.
+
+    Checks, each reported as one line naming the file: a run directory's config.json; a
+    ``.pth``'s zip-member CRCs (one streaming read of the file) and a ``.safetensors``'s
+    header against the file; that every tensor reads (bounds, dtypes, geometry); NaN/inf
+    values; and that the tensors are the keys and shapes of an RWKV model (``overrides`` as
+    for :func:`load`). Does not raise :class:`CheckpointError`: a file that cannot be read at
+    all is reported as one problem.
+    """
+    path = pathlib.Path(path)
+    try:
+        file = RunDir(path).checkpoint_file()
+    except CheckpointError as e:
+        return [str(e)]
+    problems = []
+    try:
+        overrides = _with_run_config(path, overrides)
+    except CheckpointError as e:
+        problems.append(str(e))
+    try:
+        if _format(file) == "pth":
+            problems += [f"{file}: {p}" for p in verify_pth(file)]
+        tensors = read_tensors(file)
+    except CheckpointError as e:
+        return [*problems, str(e)]
+    if problem := nonfinite_summary(tensors):
+        problems.append(f"{file}: {problem}")
+    try:
+        tensors, cfg = _official(tensors, overrides)
+        abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
+        expected = {_key(p): v for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+        if mismatches := _mismatches(tensors, expected):
+            problems.append(f"{file}: {_mismatch_error(cfg, mismatches)}")
+    except CheckpointError as e:
+        problems.append(f"{file}: {e}")
+    return problems
 
 
 def save(model: RWKV, path: PathLike, *, names: str = "official") -> pathlib.Path:

@@ -21,16 +21,42 @@ Everything that knows these names asks :class:`RunDir`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 from typing import Any
 
-from rwkv_jax.io.pth import CheckpointError
+from rwkv_jax.io.errors import CheckpointError
+from rwkv_jax.io.files import describe, file_kind, read_small
 
 PathLike = str | os.PathLike
 
-# RWKVConfig fields a checkpoint's shapes cannot tell, read back from config.json
-_UNSHAPED = ("ln_eps", "ln_x_eps", "chunk_size")
+# config.json fields read back: those a checkpoint's shapes cannot tell (epsilons, chunk
+# size) and head_size -> (kind, may be None); each is type-checked
+_KEPT = {"ln_eps": (float, False), "ln_x_eps": (float, False), "head_size": (int, False),
+         "chunk_size": (int, True)}
+_CONFIG_BYTES = 1 << 20  # a config.json is a few hundred bytes
+
+
+def path_kind(path: pathlib.Path) -> str:
+    """"file" or "dir"; CheckpointError naming ``path`` when it is missing, unreadable or a
+    FIFO / socket / device (which would block or make no sense as a checkpoint)."""
+    try:
+        return file_kind(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {describe(e)}") from None
+
+
+def _exists(path: pathlib.Path) -> bool:
+    try:
+        os.lstat(path)
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as e:  # a directory we may not list
+        raise CheckpointError(f"{path}: cannot read: {describe(e)}") from None
 
 
 class RunDir:
@@ -64,10 +90,17 @@ class RunDir:
         p = pathlib.Path(path)
         return p.is_dir() and any((p / n).is_file() for n in (cls.MODEL, cls.MODEL_PTH))
 
+    def checkpoint_file(self) -> pathlib.Path:
+        """The checkpoint file this path names: a run directory's model file, or the path
+        itself when it is a file. CheckpointError for anything else."""
+        if path_kind(self.path) == "dir":
+            return self.model_file()
+        return self.path
+
     def model_file(self) -> pathlib.Path:
         """The model checkpoint in this directory; CheckpointError when there is none."""
         for name in (self.MODEL, self.MODEL_PTH):
-            if (self.path / name).is_file():
+            if _exists(self.path / name):
                 return self.path / name
         raise CheckpointError(f"{self.path}: directory holds no {self.MODEL} or {self.MODEL_PTH}")
 
@@ -76,28 +109,46 @@ class RunDir:
         """config.json as a dict (None when absent); CheckpointError naming it when it is
         not a readable JSON object."""
         p = self.path / self.CONFIG
-        if not p.exists():
+        if not _exists(p):
             return None
         try:
-            d = json.loads(p.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise CheckpointError(f"{p}: not a readable model config ({e})") from None
+            d = json.loads(read_small(p, _CONFIG_BYTES).decode("utf-8"))
+        except OSError as e:
+            raise CheckpointError(f"{p}: cannot read: {describe(e)}") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{p}: not valid JSON ({e})") from None
         if not isinstance(d, dict):
-            raise CheckpointError(f"{p}: expected a JSON object, got {type(d).__name__}")
+            raise CheckpointError(f"{p}: must hold a JSON object, got {type(d).__name__}")
         return d
 
     def config_overrides(self) -> dict[str, Any]:
-        """The saved config fields shapes cannot tell (epsilons, chunk size), only those the
-        saved version has (older files listed every field of every version)."""
+        """The saved config fields shapes cannot tell (epsilons, chunk size), type-checked,
+        keeping only those the saved version has (older files listed every field of every
+        version). CheckpointError naming config.json for a malformed one."""
         saved = self.read_config()
         if not saved:
             return {}
         from rwkv_jax import versions
+        p = self.path / self.CONFIG
+        kept = {}
+        for key, (kind, nullable) in _KEPT.items():
+            if key not in saved:
+                continue
+            v = saved[key]
+            if v is None and nullable:
+                continue
+            ok = (type(v) is int if kind is int
+                  else type(v) in (int, float) and math.isfinite(v))
+            if not ok or v <= 0:
+                raise CheckpointError(f"{p}: '{key}' must be a positive "
+                                      f"{'integer' if kind is int else 'number'}, got {v!r:.60}")
+            kept[key] = v
+        kept.pop("head_size", None)  # checked, but the shapes tell it
         version = saved.get("version")
-        own = versions.REGISTRY[version].extras if version in versions.REGISTRY else {}
-        extra_names = versions.all_extras()
-        return {k: saved[k] for k in _UNSHAPED
-                if saved.get(k) is not None and (k not in extra_names or k in own)}
+        if version not in versions.REGISTRY:
+            return kept
+        own, extra_names = versions.REGISTRY[version].extras, versions.all_extras()
+        return {k: v for k, v in kept.items() if k not in extra_names or k in own}
 
     # ---- tokenizer ---------------------------------------------------------------------------
     def tokenizer(self, vocab_size: int | None = None):

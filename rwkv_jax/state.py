@@ -10,11 +10,18 @@ plus a small JSON header::
 Two containers, picked by suffix: ``.npz`` (the header is the 0-d string array
 ``__header__``) and ``.safetensors`` (the header is the ``rwkv_jax_state`` metadata entry).
 Loading checks the header and every array against ``model.init_state(batch_size)`` and
-raises one :class:`StateError` listing every mismatch.
+raises one :class:`StateError` listing every mismatch. Hostile or broken files are refused
+the same way, before any array data is read: a header that is not a JSON object of the
+fields above with their types, arrays that are not float (float16/bfloat16/float32/float64)
+or not of the expected shapes, truncated or corrupt containers, anything but a regular file;
+and after reading, NaN/inf values (a state holding them would poison every later token).
+Memory stays bounded by the shapes the model expects (``.npz`` members are read only once
+their ``.npy`` headers match; ``.safetensors`` data is memory-mapped).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -22,7 +29,14 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+
+from rwkv_jax.io.errors import CheckpointError
+from rwkv_jax.io.files import describe, file_kind
+from rwkv_jax.io.finite import nonfinite_summary
+from rwkv_jax.io.npz import NpzReader
+from rwkv_jax.io.safetensors import read_safetensors
 
 __all__ = [
     "STATE_FORMAT",
@@ -37,6 +51,12 @@ STATE_FORMAT = "rwkv-jax-state"
 STATE_FORMAT_VERSION = 1
 _HEADER_KEY = "__header__"
 _META_KEY = "rwkv_jax_state"
+_MAX_HEADER_CHARS = 1 << 16  # the header is ~150 characters
+_FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(ml_dtypes.bfloat16), np.dtype(np.float32),
+                 np.dtype(np.float64)}
+# header field -> type; format / format_version are checked first, head_size is optional
+_HEADER_FIELDS = {"rwkv_version": str, "n_layer": int, "n_embd": int, "batch_size": int,
+                  "head_size": int}
 
 
 class StateError(ValueError):
@@ -106,37 +126,79 @@ def save_state(path: str | os.PathLike, state, model) -> pathlib.Path:
     return path
 
 
-def _read(path: pathlib.Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    if not path.is_file():
-        raise StateError(f"{path}: no such state file")
+@contextlib.contextmanager
+def _open(path: pathlib.Path):
+    """Yield (raw header or None, {name: shape}, {name: dtype}, read(name) -> array).
+
+    Nothing but headers is read until ``read`` is called.
+    """
+    try:
+        kind = file_kind(path)
+    except FileNotFoundError:
+        raise StateError(f"{path}: no such state file") from None
+    except OSError as e:
+        raise StateError(f"{path}: cannot read state file: {describe(e)}") from None
+    if kind != "file":
+        raise StateError(f"{path}: is a directory, not a state file")
     try:
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not iterable)
-            raw = meta.get(_META_KEY)
-        else:
-            with np.load(path, allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            raw = arrays.pop(_HEADER_KEY, None)
-            raw = None if raw is None else str(raw)
-    except StateError:
-        raise
-    except Exception as e:  # noqa: BLE001 - any container error becomes one clear message
-        raise StateError(f"{path}: not a readable state file ({type(e).__name__}: {e})") from None
+            arrays, meta = read_safetensors(path)
+            yield (meta.get(_META_KEY), {k: v.shape for k, v in arrays.items()},
+                   {k: v.dtype for k, v in arrays.items()}, arrays.__getitem__)
+            return
+        with NpzReader(path) as z:
+            shapes, dtypes = dict(z.shapes), dict(z.dtypes)
+            raw = None
+            if _HEADER_KEY in shapes:
+                shape, dtype = shapes.pop(_HEADER_KEY), dtypes.pop(_HEADER_KEY)
+                if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * _MAX_HEADER_CHARS:
+                    raise StateError(f"{path}: bad state header: '{_HEADER_KEY}' is a "
+                                     f"{dtype} array of shape {shape}, not a short string")
+                raw = str(z.read(_HEADER_KEY))
+            yield raw, shapes, dtypes, z.read
+    except CheckpointError as e:  # the container readers' errors name the file and problem
+        raise StateError(str(e)) from None
+
+
+def _header_problems(header: Any) -> list[str]:
+    """What is wrong with a parsed header's fields and types (format checked before)."""
+    problems = []
+    for key, kind in _HEADER_FIELDS.items():
+        if key not in header:
+            if key != "head_size":
+                problems.append(f"'{key}' is missing")
+            continue
+        v = header[key]
+        if kind is int and (type(v) is not int or v <= 0):
+            problems.append(f"'{key}' must be a positive integer, got {v!r:.40}")
+        elif kind is str and not isinstance(v, str):
+            problems.append(f"'{key}' must be a string, got {v!r:.40}")
+    return problems
+
+
+def _parse_header(path: pathlib.Path, raw: str | None) -> dict[str, Any]:
     if raw is None:
         raise StateError(f"{path}: no rwkv-jax state header (not written by save_state?)")
+    if len(raw) > _MAX_HEADER_CHARS:
+        raise StateError(f"{path}: bad state header: {len(raw)} characters (at most "
+                         f"{_MAX_HEADER_CHARS})")
     try:
         header = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise StateError(f"{path}: bad state header ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise StateError(f"{path}: bad state header: not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise StateError(f"{path}: bad state header: a JSON {type(header).__name__}, not an "
+                         "object")
     if header.get("format") != STATE_FORMAT:
-        raise StateError(f"{path}: not an rwkv-jax state file (format {header.get('format')!r})")
-    if header.get("format_version") != STATE_FORMAT_VERSION:
-        raise StateError(f"{path}: state format version {header.get('format_version')!r}, this "
-                         f"reader knows {STATE_FORMAT_VERSION}")
-    return header, arrays
+        raise StateError(f"{path}: not an rwkv-jax state file (format "
+                         f"{header.get('format')!r:.60})")
+    version = header.get("format_version")
+    if type(version) is not int or version != STATE_FORMAT_VERSION:
+        raise StateError(f"{path}: state format version {version!r:.40}, this reader knows "
+                         f"{STATE_FORMAT_VERSION}")
+    if problems := _header_problems(header):
+        raise StateError(f"{path}: bad state header:\n  " + "\n  ".join(problems))
+    return header
 
 
 def _validate(shapes: dict[str, tuple[int, ...]], model, batch_size: int, where: str):
@@ -161,7 +223,22 @@ def load_state(path: str | os.PathLike, model):
     :class:`StateError` naming every mismatch (other version or sizes, wrong shapes).
     """
     path = pathlib.Path(path)
-    header, arrays = _read(path)
+    with _open(path) as (raw, shapes, dtypes, read):
+        header = _parse_header(path, raw)
+        batch = _check_fits(path, header, model, shapes, dtypes)
+        arrays = {k: read(k) for k in shapes}
+    if problem := nonfinite_summary(arrays, what="state array"):
+        raise StateError(f"{path}: {problem}; refused (a state with NaN/inf poisons every "
+                         "later token)")
+    template = jax.eval_shape(lambda: model.init_state(batch))
+    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree_util.tree_unflatten(
+        treedef, [jnp.asarray(arrays[_name(p)], jnp.float32) for p, _ in flat])
+
+
+def _check_fits(path: pathlib.Path, header: dict[str, Any], model,
+                shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> int:
+    """The batch size, once the header, array names, shapes and dtypes fit ``model``."""
     cfg = model.config
     problems = []
     for key, want in (("rwkv_version", cfg.version), ("n_layer", cfg.n_layer),
@@ -175,11 +252,10 @@ def load_state(path: str | os.PathLike, model):
         raise StateError(f"{path}: state is for another model (RWKV-{header.get('rwkv_version')}"
                          f" L{header.get('n_layer')} C{header.get('n_embd')}):\n  "
                          + "\n  ".join(problems))
-    batch = header.get("batch_size")
-    if not isinstance(batch, int) or batch <= 0:
-        raise StateError(f"{path}: bad batch_size {batch!r} in the header")
-    _validate(_shapes(arrays), model, batch, str(path))
-    template = jax.eval_shape(lambda: model.init_state(batch))
-    flat, treedef = jax.tree_util.tree_flatten_with_path(template)
-    return jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(arrays[_name(p)], jnp.float32) for p, _ in flat])
+    batch = header["batch_size"]
+    _validate(shapes, model, batch, str(path))
+    bad = [f"{k}: dtype {dtypes[k]}, expected float32 (or another float dtype)" for k in shapes
+           if dtypes[k].newbyteorder("=") not in _FLOAT_DTYPES]
+    if bad:
+        raise StateError(f"{path}: state arrays must be floats:\n  " + "\n  ".join(bad))
+    return batch

@@ -356,3 +356,17 @@ def test_fla_names_rwkv6_mismatches_listed_at_once(tiny6, tmp_path):
     assert "unknown keys: model.layers.2.attn.surprise" in msg
     assert "missing keys: blocks.1.att.time_faaaa" in msg
     assert "blocks.4.att.time_decay: shape (1, 1, 7), expected (1, 1, 128)" in msg
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_read_tensors_memory_maps(tiny4, tmp_path, suffix):
+    """Both formats are read as views of the mapped file (no copy until used); the safety
+    checks must not have turned the fast path into a full read."""
+    import mmap
+    path = rwkv_jax.save(tiny4, tmp_path / f"m{suffix}")
+    tensors = read_tensors(path)
+    for k, v in tensors.items():
+        base = v
+        while isinstance(base, np.ndarray) and base.base is not None:
+            base = base.base
+        assert isinstance(base, mmap.mmap), k

@@ -15,6 +15,14 @@ members all live under one folder ``<prefix>/``:
 
 A tensor is ``storage[offset:]`` viewed with ``size`` and ``stride`` (both in elements).
 
+Resource contract of :func:`read_pth`: memory stays proportional to the bytes the tensors
+really address. Every tensor's geometry is checked against its storage before anything is
+read: a view that repeats storage elements (a zero or overlapping stride) is refused, so a
+tensor is never larger than its storage; each storage's declared size must fit its zip
+member; only the addressed prefix of a member is read (or inflated); compressed members
+with an absurd ratio are refused (:mod:`rwkv_jax.io.zipmember`); and strided/byte-swapped
+copies may total at most :data:`_MAX_COPY_FACTOR` times the storage bytes they read.
+
 Security contract of :func:`read_pth`. Unpickling runs code named by the pickle, so the
 reader never hands a name to Python's import machinery: :class:`_RestrictedUnpickler`
 maps the few globals a tensor state dict needs (the tensor rebuild functions,
@@ -46,11 +54,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-__all__ = ["CheckpointError", "read_pth", "write_pth"]
+from rwkv_jax.io.errors import CheckpointError
+from rwkv_jax.io.files import describe, open_regular
+from rwkv_jax.io.zipmember import crc_problems, data_offset, inflate_problem, read_prefix
 
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, malformed, truncated, hostile or not a state dict."""
+__all__ = ["CheckpointError", "read_pth", "verify_pth", "write_pth"]
 
 
 # torch storage type name <-> numpy dtype (native byte order).
@@ -69,8 +77,12 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
 _DTYPE_STORAGES: dict[np.dtype, str] = {dt: name for name, dt in _STORAGE_DTYPES.items()}
 
 _ALIGNMENT = 64  # torch's PyTorchStreamWriter aligns every record's data to 64 bytes
-_LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, (skipped fields), name len, extra len
 _LOCAL_HEADER_SIG = b"PK\x03\x04"
+_MAX_NDIM = 32
+# Strided and byte-swapped tensors are copied. Views never overlap themselves (refused), but
+# many views may share one storage; copies beyond this many times the storage bytes read
+# can only come from views overlapping each other (tied weights give 2x).
+_MAX_COPY_FACTOR = 4
 
 
 # ---------------------------------------------------------------------------------------
@@ -135,8 +147,10 @@ class _RebuildTensor(_Inert):
             raise pickle.UnpicklingError("tensor rebuilt from something that is not a storage")
         if type(storage_offset) is not int or not (_is_int_tuple(size) and _is_int_tuple(stride)):
             raise pickle.UnpicklingError("tensor offset/size/stride are not integers")
-        if len(size) != len(stride) or storage_offset < 0 or min(size + stride, default=0) < 0:
-            raise pickle.UnpicklingError(f"bad tensor geometry size={size} stride={stride}")
+        if (len(size) != len(stride) or len(size) > _MAX_NDIM or storage_offset < 0
+                or min(size + stride, default=0) < 0 or max(size + stride, default=0) >= 1 << 62):
+            raise pickle.UnpicklingError(f"bad tensor geometry size={size!r:.80} "
+                                         f"stride={stride!r:.80}")
         return _TensorRef(storage, storage_offset, size, stride)
 
 
@@ -213,22 +227,6 @@ def _sniff_non_zip(head: bytes, size: int) -> str:
     return "is not a zip-format PyTorch checkpoint"
 
 
-def _data_offset(fh, info: zipfile.ZipInfo) -> int:
-    """Absolute file offset of a member's data, from its *local* header.
-
-    The central directory's extra field can differ from the local one (torch pads only
-    the local header), so the local header is read: 30 + len(name) + len(extra).
-    """
-    fh.seek(info.header_offset)
-    raw = fh.read(_LOCAL_HEADER.size)
-    if len(raw) < _LOCAL_HEADER.size:
-        raise zipfile.BadZipFile(f"local header of {info.filename} is cut off")
-    sig, name_len, extra_len = _LOCAL_HEADER.unpack(raw)
-    if sig != _LOCAL_HEADER_SIG:
-        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
-    return info.header_offset + _LOCAL_HEADER.size + name_len + extra_len
-
-
 class _Archive:
     """The zip side of a checkpoint: member lookup and raw storage bytes."""
 
@@ -255,8 +253,9 @@ class _Archive:
         except KeyError:
             return None
 
-    def storage_bytes(self, key: str, nbytes: int) -> np.ndarray:
-        """The first ``nbytes`` of ``data/<key>`` as a uint8 array (a view when mapped)."""
+    def storage_info(self, key: str, declared: int) -> zipfile.ZipInfo:
+        """The member of storage ``key``, checked to hold the ``declared`` bytes the pickle
+        claims and (if compressed) not to be a zip bomb; nothing is read."""
         name = f"{self.prefix}data/{key}"
         try:
             info = self.zf.getinfo(name)
@@ -264,46 +263,99 @@ class _Archive:
             raise CheckpointError(
                 f"{self.path}: storage record '{name}' is missing (truncated/corrupt file)"
             ) from None
-        if info.file_size < nbytes:
+        if info.file_size < declared:
             raise CheckpointError(
                 f"{self.path}: storage '{name}' is truncated/corrupt: it holds "
-                f"{info.file_size} bytes but the pickle needs {nbytes}"
+                f"{info.file_size} bytes but the pickle needs {declared}"
             )
+        if problem := inflate_problem(info):
+            raise CheckpointError(f"{self.path}: {problem}")
+        return info
+
+    def storage_bytes(self, info: zipfile.ZipInfo, nbytes: int) -> np.ndarray:
+        """The first ``nbytes`` of a storage member as a uint8 array (a view when mapped)."""
         if self._map is not None and info.compress_type == zipfile.ZIP_STORED:
-            start = _data_offset(self.fh, info)
+            start = data_offset(self.fh, info)
             if start + info.file_size > self.file_size:
                 raise CheckpointError(
-                    f"{self.path}: storage '{name}' runs past the end of the file (truncated)"
+                    f"{self.path}: storage '{info.filename}' runs past the end of the file "
+                    "(truncated)"
                 )
-            # No CRC check here: it would read every page, which mapping exists to avoid.
+            # No CRC check here: it would read every page, which mapping exists to avoid
+            # (read_pth(verify=True) checks them all).
             return self._map[start : start + nbytes]
-        # Compressed member or mmap=False: read into a writable buffer; zipfile checks the
-        # CRC when the read reaches the end of the member.
-        buf = np.empty(info.file_size, np.uint8)
+        # Compressed member or mmap=False: inflate/read only the addressed prefix into a
+        # writable buffer; zipfile checks the CRC when the read reaches the member's end.
         with self.zf.open(info) as src:
-            if src.readinto(memoryview(buf)) != info.file_size:
-                raise CheckpointError(f"{self.path}: storage '{name}' is truncated")
-        return buf[:nbytes]
+            return read_prefix(src, nbytes, f"storage '{info.filename}'")
 
 
-def _materialize(
-    archive: _Archive, ref: _TensorRef, name: str, swap: bool, cache: dict
-) -> np.ndarray:
-    """Build one tensor: storage bytes -> typed 1-D array -> (strided) view of ``size``."""
-    st = ref.storage
-    dtype = st.dtype
-    if (st.key, dtype) not in cache:
-        raw = archive.storage_bytes(st.key, st.numel * dtype.itemsize)
-        cache[(st.key, dtype)] = raw.view(dtype)
-    flat = cache[(st.key, dtype)]
+def _extent(path: str, name: str, ref: _TensorRef) -> int:
+    """Storage elements the tensor addresses (offset + 1 + span; 0 when empty).
+
+    Refuses views that repeat elements: sorted by stride, each dimension of size > 1 must
+    step past everything the smaller-strided dimensions reach. That also makes the tensor no
+    larger than its extent, hence than its storage (a 613-byte file cannot ask for 64 GiB).
+    """
+    if math.prod(ref.size) == 0:
+        return 0
+    span = 0
+    for s, n in sorted((s, n) for n, s in zip(ref.size, ref.stride) if n > 1):
+        if s <= span:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' is an overlapping view (size {ref.size}, stride "
+                f"{ref.stride}): a zero or overlapping stride repeats storage elements "
+                "and could ask for far more memory than the file holds; refused"
+            )
+        span += (n - 1) * s
+    extent = ref.offset + span + 1
+    if extent > ref.storage.numel:
+        raise CheckpointError(
+            f"{path}: tensor '{name}' needs {extent} elements of storage "
+            f"'{ref.storage.key}', which holds {ref.storage.numel} (truncated/corrupt)"
+        )
+    return extent
+
+
+def _storages(archive: _Archive, refs: dict[str, _TensorRef], swap: bool
+              ) -> dict[tuple[str, np.dtype], np.ndarray]:
+    """Check every tensor against its storage, then read the addressed part of each storage.
+
+    Everything is checked before anything is read or allocated.
+    """
+    path = archive.path
+    needed: dict[tuple[str, np.dtype], int] = {}  # bytes the tensors address
+    declared: dict[tuple[str, np.dtype], int] = {}  # bytes the pickle says the storage has
+    copies = []  # (tensor, bytes) of tensors that will be copied
+    for name, ref in refs.items():
+        st = ref.storage
+        k = (st.key, st.dtype)
+        extent = _extent(path, name, ref)
+        needed[k] = max(needed.get(k, 0), extent * st.dtype.itemsize)
+        declared[k] = max(declared.get(k, 0), st.numel * st.dtype.itemsize)
+        if extent and (swap or ref.stride != _contiguous_strides(ref.size)):
+            copies.append((name, math.prod(ref.size) * st.dtype.itemsize))
+    budget, copied = _MAX_COPY_FACTOR * sum(needed.values()), 0
+    for name, nbytes in copies:
+        copied += nbytes
+        if copied > budget:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' brings the strided/byte-swapped copies to {copied} "
+                f"bytes, over {_MAX_COPY_FACTOR}x the {budget // _MAX_COPY_FACTOR} storage "
+                "bytes they view (views overlapping one another); refused"
+            )
+    infos = {k: archive.storage_info(k[0], declared[k]) for k in needed}
+    return {k: archive.storage_bytes(infos[k], needed[k]).view(k[1]) for k in needed}
+
+
+def _materialize(ref: _TensorRef, flat: np.ndarray, swap: bool) -> np.ndarray:
+    """Build one tensor: typed 1-D storage prefix -> (strided) view of ``size``.
+
+    The geometry was checked by :func:`_extent`.
+    """
+    dtype = ref.storage.dtype
     numel = math.prod(ref.size)
     if numel:
-        extent = ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride)) + 1
-        if extent > flat.size:
-            raise CheckpointError(
-                f"{archive.path}: tensor '{name}' needs {extent} elements of storage "
-                f"'{st.key}', which holds {flat.size} (truncated/corrupt)"
-            )
         contiguous = ref.stride == _contiguous_strides(ref.size)
         if contiguous:
             arr = flat[ref.offset : ref.offset + numel].reshape(ref.size)
@@ -352,14 +404,49 @@ def _state_dict(path: str, obj: Any) -> dict[str, _TensorRef]:
     raise CheckpointError(f"{path}: not a state dict ({detail})")
 
 
-def read_pth(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, np.ndarray]:
+def _open_zip(path_s: str):
+    """(file, ZipFile) of a regular file, or CheckpointError saying what the file is."""
+    try:
+        fh = open_regular(path_s)
+    except OSError as e:
+        raise CheckpointError(f"{path_s}: cannot open checkpoint: {describe(e)}") from e
+    try:
+        return fh, zipfile.ZipFile(fh)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        size = os.fstat(fh.fileno()).st_size
+        fh.seek(0)
+        reason = _sniff_non_zip(fh.read(16), size)
+        fh.close()
+        raise CheckpointError(f"{path_s}: {reason}") from e
+    except BaseException:
+        fh.close()
+        raise
+
+
+def verify_pth(path: str | os.PathLike) -> list[str]:
+    """The CRC-32 problems of a ``.pth``'s zip members, one line each; ``[]`` when intact.
+
+    Reads the whole file once (bounded memory; bomb-like members are reported, not
+    inflated). Raises :class:`CheckpointError` when the file is not a readable zip at all.
+    """
+    path_s = os.fspath(path)
+    fh, zf = _open_zip(path_s)
+    with fh, zf:
+        return crc_problems(zf)
+
+
+def read_pth(path: str | os.PathLike, *, mmap: bool = True, verify: bool = False
+             ) -> dict[str, np.ndarray]:
     """Load a zip-format PyTorch checkpoint's state dict as numpy arrays, without torch.
 
     Args:
       path: the ``.pth``/``.pt``/``.bin`` file written by ``torch.save``.
       mmap: memory-map the file (copy-on-write) so contiguous tensors are views of it and
         nothing is read until used; storage CRCs are then not verified. ``False`` reads
-        every storage into memory and checks its CRC.
+        the bytes the tensors address into memory (CRC-checked when that is the whole
+        member, as in every file torch writes).
+      verify: first check the CRC-32 of every zip member (one streaming pass over the
+        file), so a flipped byte in a mapped storage is caught.
 
     Returns:
       ``{name: array}`` in file order, native byte order, dtypes float32/float64/float16/
@@ -367,25 +454,22 @@ def read_pth(path: str | os.PathLike, *, mmap: bool = True) -> dict[str, np.ndar
       the weights under ``'state_dict'`` or ``'model'`` is unwrapped.
 
     Raises:
-      CheckpointError: the file is absent, empty, not a zip checkpoint (e.g. a
-        ``.safetensors`` or legacy torch file), truncated or corrupt, not a state dict, or
-        its pickle names a global outside the allow-list (nothing from it is run).
+      CheckpointError: the file is absent, unreadable, not a regular file, empty, not a zip
+        checkpoint (e.g. a ``.safetensors`` or legacy torch file), truncated or corrupt
+        (including a failed ``verify``), not a state dict, a tensor geometry that does not
+        fit its storage or repeats elements, a zip bomb, or a pickle that names a global
+        outside the allow-list (nothing from it is run).
     """
     path_s = os.fspath(path)
-    try:
-        fh = open(path_s, "rb")
-    except OSError as e:
-        raise CheckpointError(f"{path_s}: cannot open checkpoint: {e.strerror or e}") from e
+    fh, zf = _open_zip(path_s)
     with fh:
         try:
-            zf = zipfile.ZipFile(fh)
-        except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-            size = os.fstat(fh.fileno()).st_size
-            fh.seek(0)
-            reason = _sniff_non_zip(fh.read(16), size)
-            raise CheckpointError(f"{path_s}: {reason}") from e
-        try:
             with zf:
+                if verify and (problems := crc_problems(zf)):
+                    raise CheckpointError(
+                        f"{path_s}: CRC verification failed (corrupt file):\n  "
+                        + "\n  ".join(problems)
+                    )
                 return _read_archive(_Archive(path_s, zf, fh, mmap), path_s)
         except CheckpointError:
             raise
@@ -414,8 +498,9 @@ def _read_archive(archive: _Archive, path: str) -> dict[str, np.ndarray]:
         ) from e
     refs = _state_dict(path, obj)
     swap = byteorder != sys.byteorder
-    cache: dict = {}
-    return {name: _materialize(archive, ref, name, swap, cache) for name, ref in refs.items()}
+    flats = _storages(archive, refs, swap)
+    return {name: _materialize(ref, flats[(ref.storage.key, ref.storage.dtype)], swap)
+            for name, ref in refs.items()}
 
 
 # ---------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from rwkv_jax.io.errors import CheckpointError
+
 Shapes = Mapping[str, tuple[int, ...]]  # official key -> tensor shape
 Tensors = Mapping[str, Any]             # official key -> array
 
@@ -87,6 +89,12 @@ class VersionSpec:
 
 
 def shape_of(shapes: Shapes, key: str, axis: int) -> int | None:
-    """``shapes[key][axis]``, or None when the key is absent or has too few dimensions."""
+    """``shapes[key][axis]``; None when the key is absent; CheckpointError naming the tensor
+    when it has no non-zero dimension ``axis`` (a malformed checkpoint)."""
     s = shapes.get(key)
-    return None if s is None or len(s) <= axis else int(s[axis])
+    if s is None:
+        return None
+    if len(s) <= axis or s[axis] == 0:
+        raise CheckpointError(f"tensor '{key}' has shape {tuple(s)}, which has no non-zero "
+                              f"dimension {axis} to read a size from (malformed)")
+    return int(s[axis])
