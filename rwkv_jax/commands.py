@@ -38,9 +38,11 @@ def _train(args) -> int:
     t = cfg.train
     if t.sample_tokens > 0:
         from rwkv_jax.generate import generate
-        text = generate(trainer.model(), trainer.batches.tokenizer, t.sample_prompt,
+        prompt = t.sample_prompt if t.sample_prompt is not None \
+            else trainer.batches.sample_prompt()
+        text = generate(trainer.host_model(), trainer.batches.tokenizer, prompt,
                         max_tokens=t.sample_tokens, temperature=0.8, top_p=0.9, seed=t.seed)
-        print(f"--- sample (prompt {t.sample_prompt!r}) ---\n{t.sample_prompt}{text}")
+        print(f"--- sample (prompt {prompt!r}) ---\n{prompt}{text}")
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -17,7 +18,9 @@ import pytest
 
 import rwkv_jax
 from rwkv_jax.config import ConfigError
+from rwkv_jax.evaluate import cross_entropy
 from rwkv_jax.train import optim
+from rwkv_jax.train import step as step_mod
 from rwkv_jax.train.config import load_config
 from rwkv_jax.train.trainer import Trainer, TrainingDiverged
 
@@ -123,10 +126,10 @@ def test_l2wrap_gradient_matches_rwkv_lm_definition():
     targets = jnp.asarray([[1, 2, 3], [4, 5, 6]])
 
     def plain(lg):
-        return optim.cross_entropy(lg, targets)
+        return cross_entropy(lg, targets)
 
     def wrapped(lg, scale):
-        return scale * optim.l2wrap(optim.cross_entropy(lg, targets), lg)
+        return scale * optim.l2wrap(cross_entropy(lg, targets), lg)
 
     for scale in (1.0, 0.25):  # grad_output != 1 must scale the extra term (the fixed form)
         g = np.asarray(jax.grad(wrapped)(logits, scale))
@@ -345,7 +348,7 @@ def test_bf16_compute_trains(tmp_path):
     losses = _losses(cfg.out_dir)
     assert np.isfinite([loss for _, loss in losses]).all()
     assert losses[-1][1] < losses[0][1]
-    params = jax.tree.leaves(Trainer(cfg).params)
+    params = jax.tree.leaves(Trainer(cfg).state.params)
     assert all(p.dtype == jnp.float32 for p in params)  # fp32 master weights
 
 
@@ -364,24 +367,32 @@ def test_grad_accumulation_runs(tmp_path):
     assert np.isfinite([loss for _, loss in _losses(a.out_dir)]).all()
 
 
-def test_nonfinite_loss_stops_and_keeps_checkpoint(tmp_path):
+def _poisoned_trainer(cfg, monkeypatch, how: str) -> Trainer:
+    """A trainer whose compiled step goes non-finite: an infinite loss, or a finite loss
+    whose update (lr = inf) makes the parameters non-finite."""
+    if how == "loss":
+        monkeypatch.setattr(step_mod, "cross_entropy", lambda *a: jnp.float32(jnp.inf))
+    t = Trainer(cfg)
+    if how == "update":
+        t.spec = dataclasses.replace(t.spec, lr=lambda step: jnp.float32(jnp.inf))
+    t.train_step = step_mod.compile_train_step(t.spec, t.state_shardings,
+                                               t.topology.batch_sharding(3, 1),
+                                               t.topology.replicated)
+    return t
+
+
+@pytest.mark.parametrize("how", ["loss", "update"])
+def test_nonfinite_step_stops_and_keeps_checkpoint(tmp_path, monkeypatch, how):
     cfg = _cfg(tmp_path, "train.max_steps=8")
     Trainer(cfg).fit(stop_at=4)  # 4 good steps, checkpoint at 4
-    t2 = Trainer(cfg)
-    orig = t2._loss
-
-    def poisoned(params, x, y):  # every later step has an infinite loss
-        return orig(params, x, y) * jnp.inf
-
-    t2._loss = poisoned
-    t2._train_step = jax.jit(t2._step_fn, donate_argnums=(0, 1))
     with pytest.raises(TrainingDiverged, match="non-finite loss.*step 4.* is intact"):
-        t2.fit()
+        _poisoned_trainer(cfg, monkeypatch, how).fit()
+    monkeypatch.undo()
     ckpts = pathlib.Path(cfg.out_dir) / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4"]
     t3 = Trainer(cfg)
     assert t3.restore_latest() and t3.step == 4
-    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(t3.params))
+    assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(t3.state.params))
 
 
 def test_default_yaml_is_the_builtin_default():

@@ -72,7 +72,7 @@ class TrainConfig:
     eval_batches: int = 16
     log_every: int = 10
     sample_tokens: int = 200
-    sample_prompt: str = "def "
+    sample_prompt: str | None = None  # None: the start of the first validation window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +89,12 @@ class LoggingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Data parallelism over ``data`` devices (-1: all local devices)."""
+    """The device mesh: ``data`` x ``fsdp`` devices (-1 in one of them: the remaining
+    devices). The batch is split over both; parameters and optimizer state are replicated
+    over ``data`` and sharded over ``fsdp`` (:mod:`rwkv_jax.train.mesh`)."""
 
     data: int = -1
+    fsdp: int = 1
 
 
 _MODEL_DEFAULTS = dict(version="4", n_layer=4, n_embd=256)

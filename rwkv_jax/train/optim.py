@@ -7,6 +7,8 @@
   decay from ``lr`` to ``lr_final`` over the run, as RWKV-LM's trainer computes it.
 * L2Wrap: the loss value is unchanged; in backward, each position's largest logit gets
   ``grad_output · max_logit · 1e-4/(B·T)`` added (reference §1, the corrected form).
+
+The cross-entropy itself is :func:`rwkv_jax.evaluate.cross_entropy` (defined once).
 """
 
 from __future__ import annotations
@@ -37,28 +39,32 @@ def decays(path: str, ndim: int) -> bool:
 
 
 def schedule(opt: OptimizerConfig, sch: ScheduleConfig, total_steps: int):
-    """``lr(step) -> float``: the learning rate of (0-based) optimizer step ``step``.
+    """``lr(step)``: the learning rate of (0-based) optimizer step ``step``, in float32.
 
-    Host-side math: the trainer passes the value into the jitted step.
+    Written in ``jnp`` so the jitted step computes it from the traced step counter (the
+    compiled program is the same for every step and run length); the host calls the same
+    function for logging, ``float(lr(step))``.
     """
     lr0, lr1, warm = opt.lr, opt.lr_final, sch.warmup_steps
+    f32 = jnp.float32
 
-    def fn(step) -> float:
-        step = float(step)
-        progress = min(max(step / max(total_steps - 1, 1), 0.0), 1.0)
+    def fn(step):
+        step = jnp.asarray(step, f32)
+        progress = jnp.clip(step / max(total_steps - 1, 1), 0.0, 1.0)
         if sch.kind == "constant":
-            lr = lr0
+            lr = jnp.asarray(lr0, f32)
         elif sch.kind == "exponential":
             if lr0 == 0 or lr1 == 0:  # RWKV-LM falls back to linear when an end is 0
                 lr = lr0 + (lr1 - lr0) * progress
             else:
-                lr = lr0 * math.exp(math.log(lr1 / lr0) * progress)
+                lr = lr0 * jnp.exp(math.log(lr1 / lr0) * progress)
         else:  # cosine
             f = lr1 / lr0 if lr0 else 0.0
-            lr = lr0 * ((0.5 + f / 2) + (0.5 - f / 2) * math.cos(math.pi * progress))
-        if step < warm:
-            lr *= sch.warmup_start + (1 - sch.warmup_start) * step / warm
-        return lr
+            lr = lr0 * ((0.5 + f / 2) + (0.5 - f / 2) * jnp.cos(math.pi * progress))
+        if warm > 0:
+            ramp = sch.warmup_start + (1 - sch.warmup_start) * step / warm
+            lr = jnp.where(step < warm, lr * ramp, lr)
+        return lr.astype(f32)
 
     return fn
 
@@ -121,13 +127,3 @@ def _l2wrap_bwd(logits, g):
 
 
 l2wrap.defvjp(_l2wrap_fwd, _l2wrap_bwd)
-
-
-def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None):
-    """Mean next-token cross-entropy in nats (float32). logits [B,T,V], targets [B,T]."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    if mask is None:
-        return jnp.mean(nll)
-    mask = mask.astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

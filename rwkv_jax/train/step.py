@@ -1,0 +1,115 @@
+"""The training step as a free function: ``train_step(state, batch) -> (state, metrics)``.
+
+:func:`train_step` is pure; :func:`compile_train_step` binds its static description
+(:class:`StepSpec`: the model's graph, the optimizer, the schedule, the loss options) and
+jits it with explicit shardings and the state donated. Benchmarks and tests import these;
+the training loop only calls the compiled step.
+
+One step: ``grad_accum`` micro-batches (a ``lax.scan``; each is ``batch_size`` rows), the
+masked cross-entropy (:func:`rwkv_jax.evaluate.cross_entropy`) with RWKV-LM's L2Wrap,
+AdamW with the official groups, the learning rate read from the schedule at ``state.step``.
+A step whose loss, gradient norm or updated parameters / optimizer state are not all
+finite changes nothing (the state is kept, ``metrics["ok"]`` is False): the loop stops
+there and the last checkpoint stays good.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rwkv_jax.evaluate import cross_entropy
+from rwkv_jax.train import optim
+from rwkv_jax.train.state import TrainState
+
+
+class Batch(NamedTuple):
+    """One optimizer step's data: ``[A, B, T]`` for A micro-batches of B rows of T tokens.
+
+    x: input ids (int32); y: target ids (int32); mask: float32 loss weights (1 = scored);
+    resets: bool, True at the first token of a new document in a packed row (or None:
+    every row is one stretch of text from the empty state)."""
+
+    x: Any
+    y: Any
+    mask: Any
+    resets: Any = None
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+    """The static part of a step (hashable: the compiled step is cached on it).
+
+    graphdef: ``nnx.split(model, trainable, ...)``'s graph definition; the model is
+      ``nnx.merge(graphdef, state.params, state.frozen)``.
+    tx: the optimizer (without the learning rate; see :func:`rwkv_jax.train.optim`).
+    lr: ``lr(step) -> float32`` (jnp, traced on the step counter).
+    l2wrap: apply RWKV-LM's L2Wrap to the logits.
+    """
+
+    graphdef: Any
+    tx: optax.GradientTransformation
+    lr: Callable
+    l2wrap: bool = True
+
+
+def loss_fn(params, frozen, micro: Batch, *, spec: StepSpec) -> jax.Array:
+    """Masked mean cross-entropy of one micro-batch (``[B, T]`` arrays), with L2Wrap."""
+    model = nnx.merge(spec.graphdef, params, frozen)
+    logits, _ = model(micro.x, resets=micro.resets) if micro.resets is not None \
+        else model(micro.x)
+    loss = cross_entropy(logits, micro.y, micro.mask)
+    if spec.l2wrap:
+        loss = optim.l2wrap(loss, logits)
+    return loss
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
+def train_step(state: TrainState, batch: Batch, *, spec: StepSpec):
+    """One optimizer step (pure). Returns ``(new state, {"loss", "grad_norm", "lr", "ok"})``;
+    ``loss`` is the mean over the micro-batches."""
+    grad_fn = jax.value_and_grad(functools.partial(loss_fn, spec=spec))
+    n_micro = batch.x.shape[0]
+    if n_micro == 1:
+        loss, grads = grad_fn(state.params, state.frozen, jax.tree.map(lambda a: a[0], batch))
+    else:
+        def body(acc, micro):
+            loss, grads = grad_fn(state.params, state.frozen, micro)
+            return jax.tree.map(jnp.add, acc, (loss, grads)), None
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+        (loss, grads), _ = jax.lax.scan(body, zero, batch)
+        loss, grads = jax.tree.map(lambda g: g / n_micro, (loss, grads))
+    grad_norm = optax.tree.norm(grads)
+    lr = spec.lr(state.step)
+    updates, new_opt = spec.tx.update(grads, state.opt_state, state.params)
+    new_params = jax.tree.map(lambda p, u: (p - lr * u).astype(p.dtype), state.params, updates)
+    ok = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & _all_finite(new_params)
+          & _all_finite(new_opt))
+    keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+    new_state = state._replace(
+        step=state.step + 1, params=jax.tree.map(keep, new_params, state.params),
+        opt_state=jax.tree.map(keep, new_opt, state.opt_state))
+    return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "ok": ok}
+
+
+def compile_train_step(spec: StepSpec, state_shardings, batch_sharding,
+                       replicated) -> Callable:
+    """:func:`train_step` bound to ``spec`` and jitted: ``step(state, batch) -> (state,
+    metrics)`` with the state's shardings (a ``TrainState`` of shardings) in and out, the
+    batch's (one sharding for all of its arrays) in, the metrics ``replicated``, and the
+    input state donated (its buffers become the output's)."""
+    return jax.jit(functools.partial(train_step, spec=spec),
+                   in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
