@@ -22,10 +22,11 @@ from flax import nnx
 
 from rwkv_jax import versions
 from rwkv_jax.config import ConfigError, RWKVConfig
-from rwkv_jax.io.files import describe, open_regular
+from rwkv_jax.io.files import atomic_path, describe, open_regular
 from rwkv_jax.io.finite import nonfinite_summary
 from rwkv_jax.io.pth import CheckpointError, read_pth, verify_pth, write_pth
 from rwkv_jax.io.safetensors import read_safetensors
+from rwkv_jax.model.functional import dotted_name
 from rwkv_jax.model.lm import RWKV
 from rwkv_jax.rundir import RunDir, path_kind
 
@@ -189,14 +190,10 @@ def infer_config(tensors: Mapping[str, Any], **overrides: Any) -> RWKVConfig:
 
 
 # ---- tensors <-> model -------------------------------------------------------------------
-def _key(path) -> str:
-    return ".".join(str(p) for p in path)
-
-
 def model_tensors(model: RWKV) -> dict[str, np.ndarray]:
     """The model's parameters as numpy arrays under their official keys."""
     flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    return {_key(path): np.asarray(var[...]) for path, var in flat}
+    return {dotted_name(path): np.asarray(var[...]) for path, var in flat}
 
 
 _FLOAT_DTYPES = {np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64),
@@ -244,12 +241,12 @@ def model_from_tensors(tensors: Mapping[str, Any], **overrides: Any) -> RWKV:
     tensors, cfg = _official(tensors, overrides)
     abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-    expected = {_key(p): v for p, v in nnx.to_flat_state(params)}
+    expected = {dotted_name(p): v for p, v in nnx.to_flat_state(params)}
     if problems := _mismatches(tensors, expected):
         raise _mismatch_error(cfg, problems)
     pd = cfg.param_jnp_dtype
     for path, var in nnx.to_flat_state(params):
-        var.set_value(jnp.asarray(np.asarray(tensors[_key(path)]), dtype=pd))
+        var.set_value(jnp.asarray(np.asarray(tensors[dotted_name(path)]), dtype=pd))
     return nnx.merge(graphdef, params, rest)
 
 
@@ -316,7 +313,7 @@ def verify(path: PathLike, **overrides: Any) -> list[str]:
     try:
         tensors, cfg = _official(tensors, overrides)
         abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
-        expected = {_key(p): v for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
+        expected = {dotted_name(p): v for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
         if mismatches := _mismatches(tensors, expected):
             problems.append(f"{file}: {_mismatch_error(cfg, mismatches)}")
     except CheckpointError as e:
@@ -338,15 +335,14 @@ def save(model: RWKV, path: PathLike, *, names: str = "official") -> pathlib.Pat
         tensors = _names_for(model.config.version, names).from_official(tensors)
     elif names != "official":
         raise ValueError(f"names must be 'official', 'hf' or 'fla', got {names!r}")
+    if path.suffix not in (".safetensors", ".pth"):
+        raise ValueError(f"{path}: unknown checkpoint suffix (use .safetensors or .pth)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
+    if path.suffix == ".pth":
+        write_pth(tensors, path)  # atomic itself
+        return path
+    from safetensors.numpy import save_file
+    with atomic_path(path) as tmp:  # a crash never leaves a half-written checkpoint
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
                   metadata={"format": "pt", "rwkv_version": model.config.version})
-    elif path.suffix == ".pth":
-        write_pth(tensors, tmp)
-    else:
-        raise ValueError(f"{path}: unknown checkpoint suffix (use .safetensors or .pth)")
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written checkpoint
     return path

@@ -27,7 +27,7 @@ import pathlib
 from typing import Any
 
 from rwkv_jax.io.errors import CheckpointError
-from rwkv_jax.io.files import describe, file_kind, read_small
+from rwkv_jax.io.files import describe, file_kind, read_small, write_text_atomic
 
 PathLike = str | os.PathLike
 
@@ -170,10 +170,3 @@ class RunDir:
             write_text_atomic(self.path / self.TOKENIZER, json.dumps(tokenizer.to_dict()))
             written.append(self.TOKENIZER)
         return written
-
-
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (never half-written)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

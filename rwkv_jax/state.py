@@ -32,8 +32,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
+from rwkv_jax.model.functional import dotted_name
+
 from rwkv_jax.io.errors import CheckpointError
-from rwkv_jax.io.files import describe, file_kind
+from rwkv_jax.io.files import atomic_path, describe, file_kind
 from rwkv_jax.io.finite import nonfinite_summary
 from rwkv_jax.io.npz import NpzReader
 from rwkv_jax.io.safetensors import read_safetensors
@@ -63,29 +65,15 @@ class StateError(ValueError):
     """A state file is unreadable or does not fit the model; the message says why."""
 
 
-def _name(path) -> str:
-    parts = []
-    for p in path:
-        if isinstance(p, jax.tree_util.SequenceKey):
-            parts.append(str(p.idx))
-        elif isinstance(p, jax.tree_util.GetAttrKey):
-            parts.append(p.name)
-        elif isinstance(p, jax.tree_util.DictKey):
-            parts.append(str(p.key))
-        else:
-            parts.append(str(p).strip(".[]'\""))
-    return ".".join(parts)
-
-
 def state_arrays(state) -> dict[str, np.ndarray]:
     """The state's leaves as float32 numpy arrays by dotted path name."""
     flat, _ = jax.tree_util.tree_flatten_with_path(state)
-    return {_name(path): np.asarray(leaf, np.float32) for path, leaf in flat}
+    return {dotted_name(path): np.asarray(leaf, np.float32) for path, leaf in flat}
 
 
 def _shapes(tree) -> dict[str, tuple[int, ...]]:
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {_name(path): tuple(np.shape(leaf)) for path, leaf in flat}
+    return {dotted_name(path): tuple(np.shape(leaf)) for path, leaf in flat}
 
 
 def _header(model, state) -> dict[str, Any]:
@@ -111,18 +99,17 @@ def save_state(path: str | os.PathLike, state, model) -> pathlib.Path:
     header = _header(model, state)
     _validate(_shapes(state), model, header["batch_size"], f"state to save in {path}")
     arrays = state_arrays(state)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    if path.suffix == ".npz":
-        with open(tmp, "wb") as f:
-            np.savez(f, **{_HEADER_KEY: np.array(json.dumps(header))}, **arrays)
-    elif path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-        save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
-                  metadata={_META_KEY: json.dumps(header)})
-    else:
+    if path.suffix not in (".npz", ".safetensors"):
         raise StateError(f"{path}: unknown state file suffix (use .npz or .safetensors)")
-    os.replace(tmp, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, **{_HEADER_KEY: np.array(json.dumps(header))}, **arrays)
+        else:
+            from safetensors.numpy import save_file
+            save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(tmp),
+                      metadata={_META_KEY: json.dumps(header)})
     return path
 
 
@@ -233,7 +220,7 @@ def load_state(path: str | os.PathLike, model):
     template = jax.eval_shape(lambda: model.init_state(batch))
     flat, treedef = jax.tree_util.tree_flatten_with_path(template)
     return jax.tree_util.tree_unflatten(
-        treedef, [jnp.asarray(arrays[_name(p)], jnp.float32) for p, _ in flat])
+        treedef, [jnp.asarray(arrays[dotted_name(p)], jnp.float32) for p, _ in flat])
 
 
 def _check_fits(path: pathlib.Path, header: dict[str, Any], model,

@@ -105,6 +105,35 @@ def test_param_groups_rwkv4():
     assert not optim.decays("blocks.0.ln1.weight", 1)
 
 
+@pytest.mark.parametrize("version, leaf, scale", [("4", "time_decay", 2.0),
+                                                  ("4", "time_first", 3.0),
+                                                  ("7", "w0", 2.0)])
+def test_param_groups_reach_the_real_optimizer(version, leaf, scale):
+    """The optimizer built from a model's own parameter tree scales the official groups and
+    decays only the matrices (names come from the tree, so a naming slip shows here)."""
+    from flax import nnx
+
+    from rwkv_jax.model.functional import tree_names
+    from rwkv_jax.train.config import OptimizerConfig
+    model = rwkv_jax.RWKV(rwkv_jax.RWKVConfig.tiny(version), rngs=nnx.Rngs(0))
+    _, params, _ = nnx.split(model, nnx.Param, ...)
+    names = tree_names(params)
+    tx = optim.make_optimizer(params, names, version,
+                              OptimizerConfig(weight_decay=0.5, grad_clip=0.0))
+    ones = jax.tree.map(jnp.ones_like, params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    # unit gradients, zero weights: adam's first update is 1 everywhere, times the group scale
+    upd, _ = tx.update(ones, tx.init(params), zeros)
+    flat = dict(zip(jax.tree.leaves(names), jax.tree.leaves(upd)))
+    assert float(flat[f"blocks.0.att.{leaf}"].reshape(-1)[0]) == pytest.approx(scale, rel=1e-3)
+    assert float(flat["blocks.0.ln1.weight"].reshape(-1)[0]) == pytest.approx(1.0, rel=1e-3)
+    # zero gradients, unit weights: only weight decay moves the parameter, matrices only
+    upd, _ = tx.update(zeros, tx.init(params), ones)
+    flat = dict(zip(jax.tree.leaves(names), jax.tree.leaves(upd)))
+    assert float(flat["blocks.0.att.key.weight"].reshape(-1)[0]) == pytest.approx(0.5)
+    assert float(flat["blocks.0.ln1.weight"].reshape(-1)[0]) == 0.0
+
+
 def test_schedule_matches_rwkv_lm():
     from rwkv_jax.train.config import OptimizerConfig, ScheduleConfig
     opt = OptimizerConfig(lr=6e-4, lr_final=1e-5)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import uuid
 from typing import Any
 
 import numpy as np
+
+from rwkv_jax.io.files import temp_path, write_text_atomic
 
 __all__ = ["DataError", "PathLike", "TOKEN_SUFFIXES", "with_suffix", "strip_suffix",
            "temp_path", "write_json_atomic", "memmap_or_empty", "as_json", "open_text_file"]
@@ -37,19 +38,9 @@ def strip_suffix(p: pathlib.Path) -> pathlib.Path:
     return p.with_suffix("") if p.suffix in TOKEN_SUFFIXES else p
 
 
-def temp_path(final: pathlib.Path) -> pathlib.Path:
-    """A unique hidden temporary beside ``final`` (same filesystem, so renaming is atomic)."""
-    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
     """Write ``obj`` as indented, key-sorted JSON to ``path`` atomically."""
-    tmp = temp_path(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def memmap_or_empty(path: pathlib.Path, dtype: np.dtype, offset: int = 0) -> np.ndarray:

@@ -1,19 +1,28 @@
-"""Open input files without blocking or guessing: regular files only, small reads bounded.
+"""Files in and out: regular files only, small reads bounded, writes atomic.
 
 ``open()`` on a FIFO blocks until a writer appears and on a character device reads forever,
 so every reader opens through :func:`open_regular`, which looks at the file type first and
 opens with ``O_NONBLOCK`` (then re-checks the opened descriptor, so a swap between the two
 steps is caught too). Failures are ``OSError`` subclasses whose ``strerror`` reads well after
 the file name; callers wrap them in their own error type.
+
+Every writer of a file that must never be seen half-written (checkpoints, state files, run
+directory files, caches) goes through :func:`atomic_path`: write a temporary beside the
+target, rename it into place on success, remove it on failure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import pathlib
 import stat
+import uuid
+from collections.abc import Iterator
 
-__all__ = ["NotARegularFile", "describe", "file_kind", "open_regular", "read_small"]
+__all__ = ["NotARegularFile", "atomic_path", "describe", "file_kind", "open_regular",
+           "read_small", "temp_path", "write_text_atomic"]
 
 
 class NotARegularFile(OSError):
@@ -77,3 +86,28 @@ def read_small(path: str | os.PathLike, limit: int) -> bytes:
 def describe(e: OSError) -> str:
     """The reason part of an OSError, e.g. ``Permission denied``."""
     return e.strerror or str(e)
+
+
+def temp_path(final: str | os.PathLike) -> pathlib.Path:
+    """A unique hidden temporary beside ``final`` (same filesystem, so renaming is atomic)."""
+    final = pathlib.Path(final)
+    return final.with_name(f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_path(final: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """``with atomic_path(p) as tmp:`` write ``tmp``; on success it replaces ``p`` in one
+    rename, on any exception it is removed and ``p`` is left as it was."""
+    final = pathlib.Path(final)
+    tmp = temp_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

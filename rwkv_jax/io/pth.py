@@ -55,7 +55,7 @@ import ml_dtypes
 import numpy as np
 
 from rwkv_jax.io.errors import CheckpointError
-from rwkv_jax.io.files import describe, open_regular
+from rwkv_jax.io.files import atomic_path, describe, open_regular
 from rwkv_jax.io.zipmember import crc_problems, data_offset, inflate_problem, read_prefix
 
 __all__ = ["CheckpointError", "read_pth", "verify_pth", "write_pth"]
@@ -631,8 +631,7 @@ def write_pth(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> Non
     entries = [(name, st, arr.size, arr.shape) for name, arr, st in arrays]
     pkl = _PickleEmitter().state_dict(entries)
 
-    tmp = f"{path_s}.tmp{os.getpid()}"
-    try:
+    with atomic_path(path_s) as tmp:
         with open(tmp, "wb") as fh, zipfile.ZipFile(fh, "w", zipfile.ZIP_STORED) as zf:
 
             def record(name: str, data: bytes | np.ndarray) -> None:
@@ -655,8 +654,3 @@ def write_pth(tensors: Mapping[str, np.ndarray], path: str | os.PathLike) -> Non
             for i, (_, arr, _) in enumerate(arrays):
                 record(f"data/{i}", arr)
             record("version", b"3\n")
-        os.replace(tmp, path_s)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -98,3 +98,25 @@ def _read(v: nnx.Variable):
 def is_traced(x) -> bool:
     """True when ``x`` is a JAX tracer (we are inside jit/grad/vmap tracing)."""
     return isinstance(x, jax.core.Tracer)
+
+
+def dotted_name(path) -> str:
+    """``"blocks.3.att.key.weight"`` from a path: an NNX state path (str / int parts) or a JAX
+    key path (``DictKey``, ``GetAttrKey``, ``SequenceKey`` entries). The ``.value`` entry a
+    JAX path takes into an ``nnx.Variable`` is not part of the name."""
+    path = list(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr) and not isinstance(p, (str, int)):
+                p = getattr(p, attr)
+                break
+        parts.append(str(p))
+    return ".".join(parts)
+
+
+def tree_names(tree) -> Any:
+    """A pytree like ``tree`` holding each leaf's :func:`dotted_name`."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: dotted_name(path), tree)

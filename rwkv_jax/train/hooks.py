@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from rwkv_jax.io.files import write_text_atomic
 from rwkv_jax.train.loop import Every
 
 
@@ -52,9 +53,7 @@ class MetricsFile(Every):
 
 
 def _write_lines(path: pathlib.Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 class Progress(Every):

@@ -24,6 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rwkv_jax.model.functional import tree_names
 from rwkv_jax.model.lm import RWKV
 from rwkv_jax.rundir import RunDir
 from rwkv_jax.train import hooks as hooks_lib
@@ -37,13 +38,6 @@ from rwkv_jax.train.step import Batch, StepSpec, compile_train_step
 
 class TrainingDiverged(RuntimeError):
     """The loss or gradient became non-finite; the last complete checkpoint is intact."""
-
-
-def _names(params) -> Any:
-    """A pytree like ``params`` holding each leaf's dotted official name."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path),
-        params)
 
 
 def _log(msg: str) -> None:
@@ -127,7 +121,7 @@ class Trainer:
         model = RWKV(model_cfg, rngs=nnx.Rngs(t.seed))
         self.graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
         self.n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-        tx = optim.make_optimizer(params, _names(params), model_cfg.version, cfg.optimizer)
+        tx = optim.make_optimizer(params, tree_names(params), model_cfg.version, cfg.optimizer)
         self.lr = optim.schedule(cfg.optimizer, cfg.schedule, t.max_steps)
         state = TrainState.create(params, frozen, tx, t.seed)
         topo = self.topology
