@@ -23,7 +23,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
 from rwkv_jax.evaluate import cross_entropy
 from rwkv_jax.train import optim
@@ -47,14 +46,17 @@ class Batch(NamedTuple):
 class StepSpec:
     """The static part of a step (hashable: the compiled step is cached on it).
 
-    graphdef: ``nnx.split(model, trainable, ...)``'s graph definition; the model is
-      ``nnx.merge(graphdef, state.params, state.frozen)``.
+    graphdef: the graph definition of ``method.split(model)``; the step's model is
+      ``method.build(graphdef, state.params, state.frozen)``.
+    method: what trains (:mod:`rwkv_jax.train.methods`): the whole model, adapters, or
+      the initial state.
     tx: the optimizer (without the learning rate; see :func:`rwkv_jax.train.optim`).
     lr: ``lr(step) -> float32`` (jnp, traced on the step counter).
     l2wrap: apply RWKV-LM's L2Wrap to the logits.
     """
 
     graphdef: Any
+    method: Any
     tx: optax.GradientTransformation
     lr: Callable
     l2wrap: bool = True
@@ -62,9 +64,10 @@ class StepSpec:
 
 def loss_fn(params, frozen, micro: Batch, *, spec: StepSpec) -> jax.Array:
     """Masked mean cross-entropy of one micro-batch (``[B, T]`` arrays), with L2Wrap."""
-    model = nnx.merge(spec.graphdef, params, frozen)
-    logits, _ = model(micro.x, resets=micro.resets) if micro.resets is not None \
-        else model(micro.x)
+    model = spec.method.build(spec.graphdef, params, frozen)
+    state0 = spec.method.initial_state(params, micro.x.shape[0])
+    extra = {} if micro.resets is None else {"resets": micro.resets}
+    logits, _ = model(micro.x, state0, **extra)
     loss = cross_entropy(logits, micro.y, micro.mask)
     if spec.l2wrap:
         loss = optim.l2wrap(loss, logits)

@@ -31,7 +31,13 @@ from rwkv_jax.train import hooks as hooks_lib
 from rwkv_jax.train import loop, optim
 from rwkv_jax.train.checkpoints import Checkpointer
 from rwkv_jax.train.config import RunConfig, dump_config
-from rwkv_jax.train.mesh import Topology, build_topology, bytes_per_device, tree_shardings
+from rwkv_jax.train.mesh import (
+    Topology,
+    build_topology,
+    bytes_per_device,
+    tree_shardings,
+)
+from rwkv_jax.train.methods import Full
 from rwkv_jax.train.state import TrainState
 from rwkv_jax.train.step import Batch, StepSpec, compile_train_step
 
@@ -119,7 +125,8 @@ class Trainer:
         self.topology: Topology = build_topology(cfg.mesh.data, cfg.mesh.fsdp, t.batch_size)
         self.primary = self.topology.primary
         model = RWKV(model_cfg, rngs=nnx.Rngs(t.seed))
-        self.graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
+        self.method = Full()
+        self.graphdef, params, frozen = self.method.split(model)
         self.n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         tx = optim.make_optimizer(params, tree_names(params), model_cfg.version, cfg.optimizer)
         self.lr = optim.schedule(cfg.optimizer, cfg.schedule, t.max_steps)
@@ -132,7 +139,8 @@ class Trainer:
         self.state = jax.device_put(jax.device_get(state) if topo.process_count > 1 else state,
                                     self.state_shardings)
         self.host_index, self.host_count = topo.host_rows(t.batch_size)
-        self.spec = StepSpec(graphdef=self.graphdef, tx=tx, lr=self.lr, l2wrap=t.l2wrap)
+        self.spec = StepSpec(graphdef=self.graphdef, method=self.method, tx=tx, lr=self.lr,
+                             l2wrap=t.l2wrap)
         self.train_step = compile_train_step(self.spec, self.state_shardings,
                                              topo.batch_sharding(3, 1), topo.replicated)
         self.checkpointer = Checkpointer(self.run_dir / RunDir.CHECKPOINTS, cfg.checkpoint.keep)
@@ -152,7 +160,7 @@ class Trainer:
         """The model of ``state`` (default: the current one), its arrays as the state holds
         them (sharded over this run's mesh)."""
         state = self.state if state is None else state
-        return nnx.merge(self.graphdef, state.params, state.frozen)
+        return self.method.build(self.graphdef, state.params, state.frozen)
 
     def host_model(self) -> RWKV:
         """The current parameters as a complete model in this process (gathered from every
@@ -164,7 +172,7 @@ class Trainer:
         else:
             params, frozen = jax.device_get((params, frozen))
         to_jnp = lambda t: jax.tree.map(jax.numpy.asarray, t)  # noqa: E731
-        return nnx.merge(self.graphdef, to_jnp(params), to_jnp(frozen))
+        return self.method.build(self.graphdef, to_jnp(params), to_jnp(frozen))
 
     def evaluate(self, state: TrainState | None = None) -> dict[str, float]:
         """Validation loss (nats/token) and bits per byte over the configured eval windows,
