@@ -369,6 +369,8 @@ def _check_data_path(path: str | None) -> None:
                           "(.bin + .json) or binidx (.bin + .idx) file")
     if p.is_file():
         return
+    if p.exists():  # a FIFO or device: reading could block forever
+        raise ConfigError(f"data.path: {path} is not a regular file")
     prefix = p.with_suffix("") if p.suffix in (".bin", ".idx", ".json") else p
     if not any(prefix.with_name(prefix.name + s).is_file() for s in (".bin", ".json", ".idx")):
         raise ConfigError(f"data.path: {path} does not exist")
