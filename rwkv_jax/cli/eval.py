@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 @contextlib.contextmanager
-def progress_bar(args: argparse.Namespace, unit: str):
+def progress_bar(args: argparse.Namespace, unit: str = "it"):
     """A ``progress(done, total)`` callback drawing a tqdm bar on stderr (none with -q)."""
     if args.quiet:
         yield None
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         line = (f"lambada: accuracy {res.accuracy:.4f} ({res.n_correct}/{res.n_docs})  "
                 f"perplexity {res.perplexity:.4f}  prefix {list(res.prefix)}")
     else:
-        with progress_bar(args, "tok") as progress:
+        with progress_bar(args) as progress:  # the library counts tokens or windows
             res = evaluate.evaluate_file(model, tok, args.data, ctx_len=args.ctx_len,
                                          progress=progress)
         d = {"task": "text", **res.to_dict()}
