@@ -41,8 +41,7 @@ def one_line(message: str) -> str:
 def describe(e: BaseException) -> str:
     """The user-facing text of an anticipated error."""
     if isinstance(e, OSError) and e.strerror:  # "[Errno 2] ..." -> "PATH: No such file ..."
-        where = e.filename if e.filename is not None else None
-        text = f"{where}: {e.strerror}" if where is not None else e.strerror
+        text = f"{e.filename}: {e.strerror}" if e.filename is not None else e.strerror
         if e.filename2 is not None:
             text += f" (-> {e.filename2})"
         return one_line(text)
