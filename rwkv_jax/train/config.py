@@ -1,13 +1,17 @@
 """Run configuration: YAML files and ``key.sub=value`` overrides -> typed frozen dataclasses.
 
 Every section is a frozen dataclass; :func:`load_config` merges, in order, the defaults,
-a YAML file and command-line overrides, and checks every key and type before any work
-starts. An error names the offending key and lists the valid ones.
+a YAML file and command-line overrides, and checks every key, type and value before any
+work starts: ranges (:data:`_RANGES`), the WKV form against the model version, the data
+path, the output directory and the tokenizer spec. An error (ConfigError) names the
+offending key and says what is valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import math
 import pathlib
 import types
 import typing
@@ -132,6 +136,43 @@ _CHOICES = {
 }
 
 
+def _at_least(lo: int):
+    return (lambda v: v >= lo), f"must be >= {lo}"
+
+
+def _finite(test, what: str):
+    return (lambda v: math.isfinite(v) and test(v)), what
+
+
+# key -> (test of the value, what a valid value is); None values skip the test
+_RANGES = {
+    "data.ctx_len": _at_least(1),
+    "data.val_fraction": _finite(lambda v: 0 < v < 1, "must be in (0, 1)"),
+    "data.max_bytes": _at_least(1),
+    "optimizer.lr": _finite(lambda v: v > 0, "must be a finite number > 0"),
+    "optimizer.lr_final": _finite(lambda v: v >= 0, "must be a finite number >= 0"),
+    "optimizer.beta1": _finite(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "optimizer.beta2": _finite(lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "optimizer.eps": _finite(lambda v: v > 0, "must be a finite number > 0"),
+    "optimizer.weight_decay": _finite(lambda v: v >= 0, "must be a finite number >= 0"),
+    "optimizer.grad_clip": _finite(lambda v: v >= 0, "must be a finite number >= 0 (0 = off)"),
+    "schedule.warmup_steps": _at_least(0),
+    "schedule.warmup_start": _finite(lambda v: 0 <= v <= 1, "must be in [0, 1]"),
+    "train.max_steps": _at_least(0),
+    "train.batch_size": _at_least(1),
+    "train.grad_accum": _at_least(1),
+    "train.eval_every": (lambda v: v >= 0, "must be >= 0 (0 = no evaluation)"),
+    "train.log_every": _at_least(1),
+    "train.sample_tokens": _at_least(0),
+    "checkpoint.every": _at_least(1),
+    "checkpoint.keep": _at_least(1),
+    "mesh.data": (lambda v: v == -1 or v >= 1, "must be -1 (all devices) or >= 1"),
+}
+
+# the recurrence module whose SUPPORTED forms a model version can use
+_WKV_OP = {"4": "wkv4", "5.1": "wkv6", "5.2": "wkv6", "6": "wkv6", "7": "wkv7"}
+
+
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Coerce/validate ``value`` against the annotation ``tp``; raise ConfigError naming key."""
     origin = typing.get_origin(tp)
@@ -197,6 +238,10 @@ def _build(cls, values: dict[str, Any], prefix: str):
         value = _check_type(key, value, tp)
         if key in _CHOICES and value not in _CHOICES[key]:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
+        if key in _RANGES and value is not None:
+            test, what = _RANGES[key]
+            if not test(value):
+                raise ConfigError(f"{key}: {what}, got {value!r}")
         kwargs[name] = value
     try:
         return cls(**kwargs)
@@ -216,6 +261,36 @@ def _set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _check_duplicate_keys(node: yaml.Node, where: str, prefix: str = "") -> None:
+    """Reject a mapping that repeats a key (PyYAML silently keeps the last one)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # "<<: *base" may repeat keys
+                continue
+            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else id(key_node)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(f"{where}: duplicate key {prefix}{key} (lines {seen[key]} "
+                                  f"and {line})")
+            seen[key] = line
+            _check_duplicate_keys(value_node, where, f"{prefix}{key}.")
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, where, prefix)
+
+
+def _load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load`` that also rejects duplicate keys; errors name ``where``."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        if root is not None:
+            _check_duplicate_keys(root, where)
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: not valid YAML ({e})") from None
+
+
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["train.max_steps=10", "out_dir=runs/x"]`` -> nested dict (values parsed as YAML)."""
     tree: dict[str, Any] = {}
@@ -223,7 +298,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = _load_yaml(raw, f"override {key.strip()}") if raw != "" else None
         _set_path(tree, key.strip(), value)
     return tree
 
@@ -244,10 +319,17 @@ def load_config(path: str | pathlib.Path | None = None,
         path = pathlib.Path(path)
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
+        if path.is_dir():
+            raise ConfigError(f"config file {path} is a directory")
+        if not path.is_file():  # a FIFO or device: reading could block forever
+            raise ConfigError(f"config file {path} is not a regular file")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from None
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {path} is not UTF-8 text (a YAML file?)") from None
+        if "\x00" in text:
+            raise ConfigError(f"config file {path} is not text (a YAML file?)")
+        loaded = _load_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         tree = loaded
@@ -264,7 +346,73 @@ def load_config(path: str | pathlib.Path | None = None,
         tree["model"] = {**dataclasses.asdict(base), **model}
         explicit_vocab = True
     cfg = _build(RunConfig, tree, "")
+    _validate(cfg)
     return dataclasses.replace(cfg, vocab_size_explicit=explicit_vocab)
+
+
+def _validate(cfg: RunConfig) -> None:
+    """The checks that span keys or look at the filesystem (after every key is typed)."""
+    _check_data_path(cfg.data.path)
+    _check_out_dir(cfg.out_dir)
+    t = cfg.train
+    if t.eval_every > 0 and t.eval_batches < 1:
+        raise ConfigError(f"train.eval_batches: must be >= 1 when train.eval_every > 0, got "
+                          f"{t.eval_batches}")
+    _check_wkv_impl(cfg.model)
+    _check_tokenizer(cfg.data.tokenizer)
+
+
+def _check_data_path(path: str | None) -> None:
+    """``data.path`` names a file, or a prefix of ``.bin`` + ``.idx``/``.json`` files."""
+    if path is None:
+        return
+    p = pathlib.Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"data.path: {path} is a directory; name a text, .jsonl, prepared "
+                          "(.bin + .json) or binidx (.bin + .idx) file")
+    if p.is_file():
+        return
+    if p.exists():  # a FIFO or device: reading could block forever
+        raise ConfigError(f"data.path: {path} is not a regular file")
+    prefix = p.with_suffix("") if p.suffix in (".bin", ".idx", ".json") else p
+    if not any(prefix.with_name(prefix.name + s).is_file() for s in (".bin", ".json", ".idx")):
+        raise ConfigError(f"data.path: {path} does not exist")
+
+
+def _check_out_dir(out_dir: str) -> None:
+    p = pathlib.Path(out_dir).expanduser()
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"out_dir: {out_dir} exists and is not a directory")
+    base = p
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"out_dir: cannot create {out_dir}: {base} is not a directory")
+
+
+def _check_wkv_impl(model: RWKVConfig) -> None:
+    """``model.wkv_impl`` must be a form the version's recurrence has (``auto`` always is)."""
+    from rwkv_jax.ops.impl import WkvImpl, resolve_impl
+    impl = WkvImpl.parse(model.wkv_impl)  # RWKVConfig has checked that it parses
+    if impl is WkvImpl.AUTO:
+        return
+    op = _WKV_OP[model.version]
+    supported = importlib.import_module(f"rwkv_jax.ops.{op}").SUPPORTED
+    try:
+        resolve_impl(impl, op, supported, platform="cpu")  # platform: never touch a backend
+    except ValueError as e:
+        raise ConfigError(f"model.wkv_impl: {e} (model.version={model.version})") from None
+
+
+def _check_tokenizer(spec: str) -> None:
+    """``data.tokenizer``: bytes, char, world or a tokenizer.json that loads."""
+    if spec in ("char", "world"):  # char is built from the data; world is packaged (slow)
+        return
+    from rwkv_jax.tokenizers import get_tokenizer
+    try:
+        get_tokenizer(spec)
+    except (ValueError, OSError, ImportError) as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
 
 
 def dump_config(cfg: RunConfig, path: str | pathlib.Path) -> None:

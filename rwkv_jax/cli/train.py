@@ -1,28 +1,46 @@
-"""Subcommands of ``rwkv-jax`` (registered into :mod:`rwkv_jax.cli`). Thin: parse, call, print."""
+"""``rwkv-jax train [--config FILE] [key.sub=value ...]``: train, resume, export, sample.
+
+Every config value is checked (:func:`rwkv_jax.train.config.load_config`) before data is
+opened or a model is built. Exit status 3: training diverged (the last checkpoint is intact).
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from rwkv_jax.cli import command
+HELP = ("train a model from a YAML config (default: a small byte-level RWKV-4 on the Python "
+        "standard library's sources)")
+INTERRUPTED = "interrupted; rerun the same command to resume from the last checkpoint"
+DIVERGED = 3
 
 
-# ---- train ---------------------------------------------------------------------------------
-def _train_args(p: argparse.ArgumentParser):
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (default: built-in defaults, which train "
                                     "on the Python standard library's sources)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="config overrides, e.g. train.max_steps=100 out_dir=runs/x")
 
 
-def _train(args) -> int:
+def check_mesh(cfg) -> None:
+    """``mesh.data`` against the devices JAX sees (after joining the other processes)."""
+    import jax
+
+    from rwkv_jax.config import ConfigError
+    n, count = cfg.mesh.data, jax.device_count()
+    if n > count:
+        raise ConfigError(f"mesh.data={n}: only {count} device(s) "
+                          f"({jax.default_backend()}); use -1 for all of them")
+
+
+def run(args: argparse.Namespace) -> int:
     from rwkv_jax.train.config import load_config
     from rwkv_jax.train.distributed import initialize_from_env
     cfg = load_config(args.config, args.overrides)  # every config error surfaces before work
     # several hosts (RWKV_JAX_COORDINATOR/..._NUM_PROCESSES/..._PROCESS_ID): join them before
     # anything touches a JAX backend
     initialize_from_env()
+    check_mesh(cfg)
     from rwkv_jax.train.trainer import Trainer, TrainingDiverged
     trainer = Trainer(cfg)
     try:
@@ -30,7 +48,7 @@ def _train(args) -> int:
     except TrainingDiverged as e:
         if trainer.primary:
             print(f"rwkv-jax train: {e}", file=sys.stderr)
-        return 3
+        return DIVERGED
     if not trainer.primary:  # process 0 reports and samples; the others are done
         return 0
     print(f"step {trainer.step}: val_loss {metrics['val_loss']:.4f} nats/token, "
@@ -44,8 +62,3 @@ def _train(args) -> int:
                         max_tokens=t.sample_tokens, temperature=0.8, top_p=0.9, seed=t.seed)
         print(f"--- sample (prompt {prompt!r}) ---\n{prompt}{text}")
     return 0
-
-
-_train.add_arguments = _train_args
-command("train", "train a model from a YAML config (default: a small byte-level RWKV-4 on "
-                 "the Python standard library's sources)")(_train)
