@@ -29,6 +29,9 @@ _EXPORTS = {
     "ConfigError": "rwkv_jax.config",
     "WkvImpl": "rwkv_jax.ops.impl",
     "load": "rwkv_jax.checkpoint",
+    "load_tokenizer": "rwkv_jax.checkpoint",
+    "verify": "rwkv_jax.checkpoint",
+    "RunDir": "rwkv_jax.rundir",
     "save": "rwkv_jax.checkpoint",
     "CheckpointError": "rwkv_jax.checkpoint",
     "Sampling": "rwkv_jax.generate",
@@ -38,12 +41,14 @@ _EXPORTS = {
     "save_state": "rwkv_jax.state",
 }
 
-__all__ = ["RWKV", "RWKVConfig", "LayerState", "WkvImpl", "load", "save", "CheckpointError",
+__all__ = ["RWKV", "RWKVConfig", "LayerState", "WkvImpl", "load", "load_tokenizer", "verify",
+           "RunDir", "save", "CheckpointError",
            "ConfigError", "Sampling", "generate", "stream", "load_state", "save_state",
            "__version__"]
 
 if TYPE_CHECKING:  # static tools see the eager imports
-    from rwkv_jax.checkpoint import CheckpointError, load, save
+    from rwkv_jax.checkpoint import CheckpointError, load, load_tokenizer, save, verify
+    from rwkv_jax.rundir import RunDir
     from rwkv_jax.config import ConfigError, RWKVConfig
     from rwkv_jax.generate import Sampling, generate, stream
     from rwkv_jax.model.lm import RWKV, LayerState

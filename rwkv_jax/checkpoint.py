@@ -14,6 +14,7 @@ import os
 import pathlib
 import re
 import struct
+import weakref
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from rwkv_jax.model.functional import dotted_name
 from rwkv_jax.model.lm import RWKV
 from rwkv_jax.rundir import RunDir, path_kind
 
-__all__ = ["CheckpointError", "load", "save", "verify", "read_tensors", "infer_config",
+__all__ = ["CheckpointError", "load", "load_tokenizer", "save", "source_path", "verify", "read_tensors", "infer_config",
            "model_from_tensors", "model_tensors", "to_official_names", "to_hf_names",
            "to_fla_names"]
 
@@ -277,9 +278,39 @@ def load(path: PathLike, *, verify: bool = False, allow_nonfinite: bool = False,
         raise CheckpointError(f"{file}: {problem} (pass allow_nonfinite=True to load it "
                               "anyway)")
     try:
-        return model_from_tensors(tensors, **overrides)
+        model = model_from_tensors(tensors, **overrides)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    _sources[model] = path
+    return model
+
+
+# model -> the path it was loaded from (for load_tokenizer; not a module attribute, which
+# would make models from different files compile separately)
+_sources: "weakref.WeakKeyDictionary[RWKV, pathlib.Path]" = weakref.WeakKeyDictionary()
+
+
+def source_path(model) -> pathlib.Path | None:
+    """The file or run directory :func:`load` read ``model`` from (None if it did not)."""
+    return _sources.get(model)
+
+
+def load_tokenizer(source, spec: str | None = None):
+    """The tokenizer that goes with ``source``: a model (from :func:`load`, or any: then by
+    its vocabulary size), a run directory (its ``tokenizer.json``) or a checkpoint file
+    (by vocabulary size: 256 -> bytes, 65536 -> World). ``spec`` overrides it, as
+    ``--tokenizer`` does. The one resolver is :func:`rwkv_jax.tokenizers.resolve_tokenizer`."""
+    from rwkv_jax.tokenizers import resolve_tokenizer
+    if isinstance(source, RWKV):
+        return resolve_tokenizer(spec, model_path=source_path(source),
+                                 vocab_size=source.config.vocab_size)
+    path = pathlib.Path(source)
+    run = RunDir(path)
+    if path_kind(path) == "dir" and (path / RunDir.TOKENIZER).is_file():
+        return resolve_tokenizer(spec, model_path=path)
+    emb = read_tensors(run.checkpoint_file()).get("emb.weight")
+    vocab = None if emb is None else int(np.shape(emb)[0])
+    return resolve_tokenizer(spec, model_path=path, vocab_size=vocab)
 
 
 def verify(path: PathLike, **overrides: Any) -> list[str]:

@@ -239,7 +239,9 @@ def evaluate_tokens(model, tokens, *, ctx_len: int = 1024, tokenizer=None, state
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     src = tokens if isinstance(tokens, data.TokenSource) else None
-    n = (len(src) if src is not None else np.asarray(tokens).reshape(-1).shape[0]) - 1
+    if src is None:
+        tokens = np.asarray(tokens).reshape(-1)
+    n = (len(src) if src is not None else tokens.shape[0]) - 1
     if n < 1:
         raise ValueError("need at least 2 tokens to evaluate")
     if state_policy == "reset":

@@ -265,7 +265,7 @@ def test_eval_progress_on_stderr_and_quiet(fixtures_dir, tmp_path, capsys):
             "--ctx-len", "16"]
     assert main(argv) == 0
     out, err = capsys.readouterr()
-    assert out.startswith("loss ") and "(279 tokens, 279 bytes)" in out
+    assert out.startswith("loss ") and "(279 tokens, 279 bytes;" in out
     assert re.search(r"eval: .*\d+/\d+", err), err  # the tqdm bar, on stderr only
     assert main(argv + ["-q"]) == 0
     out_q, err_q = capsys.readouterr()

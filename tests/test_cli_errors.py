@@ -173,8 +173,9 @@ TRAIN_BAD = [
      "has no 'pallas' form; valid: auto, scan, chunked"),
     ("model.wkv_impl=chunked model.version=4", "has no 'chunked' form"),
     ("model.wkv_impl=associative model.version=7", "has no 'associative' form"),
-    ("mesh.data=0", "mesh.data: must be -1 (all devices) or >= 1, got 0"),
-    ("mesh.data=4096", "mesh.data=4096: only"),
+    ("mesh.data=0", "mesh.data: must be -1 (the remaining devices) or >= 1, got 0"),
+    ("mesh.fsdp=0", "mesh.fsdp: must be -1 (the remaining devices) or >= 1, got 0"),
+    ("mesh.data=4096", "4096 devices, but only"),
 ]
 
 

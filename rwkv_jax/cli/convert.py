@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import pathlib
 
@@ -57,6 +56,7 @@ def check_output(dst: pathlib.Path) -> bool:
 def run(args: argparse.Namespace) -> int:
     import rwkv_jax
     from rwkv_jax.cli.common import load_model, resolve_tokenizer
+    from rwkv_jax.rundir import RunDir
     src, dst = pathlib.Path(args.input), pathlib.Path(args.output)
     to_file = check_output(dst)
     model = load_model(args, src)
@@ -64,18 +64,12 @@ def run(args: argparse.Namespace) -> int:
         rwkv_jax.save(model, dst, names=args.names)
         print(f"wrote {dst}")
         return 0
-    dst.mkdir(parents=True, exist_ok=True)
-    rwkv_jax.save(model, dst / "model.safetensors", names=args.names)
-    (dst / "config.json").write_text(json.dumps(model.config.to_dict(), indent=1))
-    written = ["model.safetensors", "config.json"]
     try:
         tok = resolve_tokenizer(src if src.is_dir() else None, args.tokenizer,
                                 model.config.vocab_size)
     except ValueError as e:
         log(args, f"no tokenizer.json written ({e})")
         tok = None
-    if tok is not None:
-        (dst / "tokenizer.json").write_text(json.dumps(tok.to_dict()))
-        written.append("tokenizer.json")
+    written = RunDir(dst).write_model(model, tok, names=args.names)
     print(f"wrote {dst}/ ({', '.join(written)})")
     return 0

@@ -27,7 +27,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "prepared / binidx token file")
     add_tokenizer_arg(p)
     p.add_argument("--ctx-len", type=int_at_least(1), default=1024,
-                   help="window length; the state carries across windows (default 1024)")
+                   help="window length (default 1024)")
+    p.add_argument("--state", choices=("carry", "reset"), default="carry",
+                   help="carry (default): the state carries across windows, so the result is "
+                        "one pass over the whole text; reset: every window starts from the "
+                        "empty state, --batch-size windows per batch, as the trainer's "
+                        "val_loss / val_bpb are computed")
+    p.add_argument("--max-batches", type=int_at_least(1), default=None,
+                   help="with --state reset: score only the first N batches of windows (the "
+                        "trainer's train.eval_batches)")
     p.add_argument("--task", choices=("auto", "text", "lambada"), default="auto",
                    help="auto: lambada for .jsonl, else text")
     p.add_argument("--lambada-prefix", default="auto", type=id_list,
@@ -35,7 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="ids before each LAMBADA context (auto: [0] for World/20B "
                         "vocabularies, none for byte/char models)")
     p.add_argument("--batch-size", type=int_at_least(1), default=16,
-                   help="LAMBADA documents per batch")
+                   help="LAMBADA documents, or --state reset windows, per batch (default 16)")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object")
     add_quiet_arg(p)
 
@@ -84,12 +92,17 @@ def run(args: argparse.Namespace) -> int:
                 f"perplexity {res.perplexity:.4f}  prefix {list(res.prefix)}")
     else:
         with progress_bar(args) as progress:  # the library counts tokens or windows
-            res = evaluate.evaluate_file(model, tok, args.data, ctx_len=args.ctx_len,
-                                         progress=progress)
+            res = evaluate.evaluate_file(
+                model, tok, args.data, ctx_len=args.ctx_len, progress=progress,
+                state_policy=args.state, batch_size=args.batch_size,
+                max_batches=args.max_batches)
         d = {"task": "text", **res.to_dict()}
+        how = ("state carried across windows" if res.state == "carry"
+               else "every window from the empty state")
         line = (f"loss {res.loss:.4f} nats/token  perplexity {res.perplexity:.4f}  "
                 f"bits/byte {res.bits_per_byte:.4f}  accuracy {res.accuracy:.4f}  "
-                f"({res.n_tokens} tokens, {res.n_bytes} bytes)")
+                f"({res.n_tokens} tokens, {res.n_bytes} bytes; windows of {args.ctx_len}, "
+                f"{how})")
     log(args, f"evaluated {args.data} ({task}, tokenizer {tok.name}) in "
               f"{time.perf_counter() - t0:.1f}s")
     print(json.dumps(d) if args.json else line)

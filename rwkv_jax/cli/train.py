@@ -23,14 +23,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_mesh(cfg) -> None:
-    """``mesh.data`` against the devices JAX sees (after joining the other processes)."""
-    import jax
-
-    from rwkv_jax.config import ConfigError
-    n, count = cfg.mesh.data, jax.device_count()
-    if n > count:
-        raise ConfigError(f"mesh.data={n}: only {count} device(s) "
-                          f"({jax.default_backend()}); use -1 for all of them")
+    """The mesh against the devices JAX sees (after joining the other processes), before
+    any data is read: the trainer's own mesh builder, so the rules are the same."""
+    from rwkv_jax.train.mesh import build_topology
+    build_topology(cfg.mesh.data, cfg.mesh.fsdp, cfg.train.batch_size)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,7 +10,6 @@ offending key and says what is valid.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import math
 import pathlib
 import types
@@ -166,12 +165,9 @@ _RANGES = {
     "train.sample_tokens": _at_least(0),
     "checkpoint.every": _at_least(1),
     "checkpoint.keep": _at_least(1),
-    "mesh.data": (lambda v: v == -1 or v >= 1, "must be -1 (all devices) or >= 1"),
+    "mesh.data": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
+    "mesh.fsdp": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
 }
-
-# the recurrence module whose SUPPORTED forms a model version can use
-_WKV_OP = {"4": "wkv4", "5.1": "wkv6", "5.2": "wkv6", "6": "wkv6", "7": "wkv7"}
-
 
 def _check_type(key: str, value: Any, tp: Any) -> Any:
     """Coerce/validate ``value`` against the annotation ``tp``; raise ConfigError naming key."""
@@ -358,7 +354,6 @@ def _validate(cfg: RunConfig) -> None:
     if t.eval_every > 0 and t.eval_batches < 1:
         raise ConfigError(f"train.eval_batches: must be >= 1 when train.eval_every > 0, got "
                           f"{t.eval_batches}")
-    _check_wkv_impl(cfg.model)
     _check_tokenizer(cfg.data.tokenizer)
 
 
@@ -388,20 +383,6 @@ def _check_out_dir(out_dir: str) -> None:
         base = base.parent
     if not base.is_dir():
         raise ConfigError(f"out_dir: cannot create {out_dir}: {base} is not a directory")
-
-
-def _check_wkv_impl(model: RWKVConfig) -> None:
-    """``model.wkv_impl`` must be a form the version's recurrence has (``auto`` always is)."""
-    from rwkv_jax.ops.impl import WkvImpl, resolve_impl
-    impl = WkvImpl.parse(model.wkv_impl)  # RWKVConfig has checked that it parses
-    if impl is WkvImpl.AUTO:
-        return
-    op = _WKV_OP[model.version]
-    supported = importlib.import_module(f"rwkv_jax.ops.{op}").SUPPORTED
-    try:
-        resolve_impl(impl, op, supported, platform="cpu")  # platform: never touch a backend
-    except ValueError as e:
-        raise ConfigError(f"model.wkv_impl: {e} (model.version={model.version})") from None
 
 
 def _check_tokenizer(spec: str) -> None:
