@@ -43,7 +43,7 @@ _HI = jax.lax.Precision.HIGHEST
 TPU_BLOCK_T = 256
 
 
-class KernelUnavailableError(RuntimeError):
+class KernelUnavailableError(NotImplementedError):
     """A Pallas form cannot run here (platform or jax build); the message names the form."""
 
 
