@@ -30,6 +30,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental import pallas as pl
 
 BACKENDS = ("triton", "tpu", "interpret", "tpu_interpret")
@@ -103,6 +104,37 @@ def pallas_call(kernel: Callable, backend: str, *, form: str, grid, in_specs, ou
     return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
                           out_specs=out_specs, compiler_params=params, interpret=interpret,
                           name=getattr(kernel, "__name__", "wkv_kernel"))
+
+
+# Integer literals meeting traced indices are np.int32: under jax_enable_x64 a Python int
+# lowers as i64 in Mosaic next to i32 indices (a verifier error), and every index here is i32.
+def i32(x: int) -> np.int32:
+    return np.int32(x)
+
+
+def loop(n: int, body, init):
+    """``fori_loop(0, n, body, init)``; under ``jax_enable_x64`` an int32 ``while_loop``
+    instead (fori_loop then counts in int64, whose cast to int32 Mosaic mis-lowers)."""
+    if not jax.config.read("jax_enable_x64"):
+        return jax.lax.fori_loop(0, n, body, init)
+    _, out = jax.lax.while_loop(lambda c: c[0] < i32(n),
+                                lambda c: (c[0] + i32(1), body(c[0], c[1])), (i32(0), init))
+    return out
+
+
+def chunk_rows(c, size: int):
+    """The rows ``[c·size, (c+1)·size)`` of a ref, aligned (``c`` traced int32)."""
+    return pl.ds(pl.multiple_of(c * i32(size), size), size)
+
+
+KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+
+def kernel_input(x) -> jax.Array:
+    """``x`` as the kernels read it: bf16 / f16 / f32 as is, anything else (f64 under x64,
+    integers) as float32 (Mosaic and Triton have no f64 vector path)."""
+    x = jnp.asarray(x)
+    return x if x.dtype in KERNEL_DTYPES else x.astype(jnp.float32)
 
 
 def round_up(x: int, m: int) -> int:
@@ -315,14 +347,14 @@ def chunked_recurrence(chunk_fn: ChunkFn, n_seq: int, n_head: int):
             if plan.n_blocks == 1:
                 S_in = s0_ref[...]
             else:  # TPU: the state crosses time blocks in the resident final-state block
-                @pl.when(pl.program_id(2) == 0)
+                @pl.when(pl.program_id(2) == i32(0))
                 def _():
                     sT_ref[...] = s0_ref[...]
 
                 S_in = sT_ref[...]
 
             def body(c, S):
-                sl = pl.ds(pl.multiple_of(c * L, L), L)
+                sl = chunk_rows(c, L)
                 xs = tuple(r[sl, :].astype(jnp.float32) for r in seq_refs)
                 seg = None if reset_ref is None else segments(reset_ref[sl, :], N)
                 if ckpt_ref is not None:
@@ -331,7 +363,7 @@ def chunked_recurrence(chunk_fn: ChunkFn, n_seq: int, n_head: int):
                 y_ref[sl, :] = y.astype(y_ref.dtype)
                 return S
 
-            sT_ref[...] = jax.lax.fori_loop(0, nc_blk, body, S_in)
+            sT_ref[...] = loop(nc_blk, body, S_in)
 
         kernel.__name__ = f"{plan.form.split()[0]}_fwd"
         in_specs = ([sp.seq()] * n_seq + [sp.head()] * n_head + [sp.state()]
@@ -370,7 +402,7 @@ def chunked_recurrence(chunk_fn: ChunkFn, n_seq: int, n_head: int):
                 dS = gsT_ref[...]
                 gh = tuple(jnp.zeros_like(h) for h in hs)
             else:  # TPU: dL/dS and the head gradients cross blocks in their output blocks
-                @pl.when(pl.program_id(2) == 0)
+                @pl.when(pl.program_id(2) == i32(0))
                 def _():
                     gs0_ref[...] = gsT_ref[...]
                     for g in ghead_refs:
@@ -381,8 +413,8 @@ def chunked_recurrence(chunk_fn: ChunkFn, n_seq: int, n_head: int):
 
             def body(i, carry):
                 dS, gh = carry
-                c = nc_blk - 1 - i
-                sl = pl.ds(pl.multiple_of(c * L, L), L)
+                c = i32(nc_blk - 1) - i
+                sl = chunk_rows(c, L)
                 xs = tuple(r[sl, :].astype(jnp.float32) for r in seq_refs)
                 seg = None if reset_ref is None else segments(reset_ref[sl, :], N)
                 _, vjp = jax.vjp(lambda xs, hs, S: chunk_fn(xs, hs, S, seg), xs, hs, ckpt_ref[c])
@@ -391,7 +423,7 @@ def chunked_recurrence(chunk_fn: ChunkFn, n_seq: int, n_head: int):
                     ref[sl, :] = g.astype(ref.dtype)
                 return dS, tuple(a + b for a, b in zip(gh, ghs))
 
-            dS, gh = jax.lax.fori_loop(0, nc_blk, body, (dS, gh))
+            dS, gh = loop(nc_blk, body, (dS, gh))
             gs0_ref[...] = dS
             for ref, g in zip(ghead_refs, gh):
                 ref[...] = g

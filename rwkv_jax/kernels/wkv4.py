@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from rwkv_jax.kernels import common
+from rwkv_jax.kernels.common import chunk_rows, i32, loop
 from rwkv_jax.ops.wkv4 import PP_EMPTY, Wkv4State, wkv4_bwd_step, wkv4_step
 
 FORM = "wkv4 'pallas'"
@@ -121,15 +122,15 @@ def _fwd_kernel(p: _Plan, save: bool, has_resets: bool, *refs):
     if p.n_blocks == 1:
         init = (aa_ref[...], bb_ref[...], pp_ref[...])
     else:  # TPU: the state crosses time blocks in the resident final-state block
-        @pl.when(pl.program_id(2) == 0)
+        @pl.when(pl.program_id(2) == i32(0))
         def _():
             aaT_ref[...], bbT_ref[...], ppT_ref[...] = aa_ref[...], bb_ref[...], pp_ref[...]
 
         init = (aaT_ref[...], bbT_ref[...], ppT_ref[...])
-    t_block = pl.program_id(2) * p.block_t
+    t_block = pl.program_id(2) * i32(p.block_t)
 
     def body(g, st):
-        sl = pl.ds(pl.multiple_of(g * p.group, p.group), p.group)
+        sl = chunk_rows(g, p.group)
         k, v = k_ref[sl, :].astype(jnp.float32), v_ref[sl, :].astype(jnp.float32)
         rs = rs_ref[sl, :] if has_resets else None
         ys, prev = [], []
@@ -141,7 +142,7 @@ def _fwd_kernel(p: _Plan, save: bool, has_resets: bool, *refs):
             prev.append(st)
             y_t, new = wkv4_step(w, u, _rows(p, k, i), _rows(p, v, i), Wkv4State(*st))
             if p.masked:
-                valid = t_block + g * p.group + i < p.T
+                valid = t_block + g * i32(p.group) + i32(i) < i32(p.T)
                 new = tuple(jnp.where(valid, a, b) for a, b in zip(new, st))
             ys.append(y_t)
             st = tuple(new)
@@ -150,8 +151,7 @@ def _fwd_kernel(p: _Plan, save: bool, has_resets: bool, *refs):
             ref[sl, :] = _stack(p, [s[n] for s in prev])
         return st
 
-    aaT_ref[...], bbT_ref[...], ppT_ref[...] = jax.lax.fori_loop(
-        0, p.block_t // p.group, body, init)
+    aaT_ref[...], bbT_ref[...], ppT_ref[...] = loop(p.block_t // p.group, body, init)
 
 
 def _bwd_kernel(p: _Plan, has_resets: bool, *refs):
@@ -171,18 +171,18 @@ def _bwd_kernel(p: _Plan, has_resets: bool, *refs):
     init = (g_aa, g_bb, gpp_ref[...] - g_aa * aaT_ref[...] - g_bb * bbT_ref[...], zero, zero)
     carry_refs = (gaa0_ref, gbb0_ref, gpp0_ref, gw_ref, gu_ref)
     if p.n_blocks > 1:  # TPU: the adjoint crosses time blocks in its resident output blocks
-        @pl.when(pl.program_id(2) == 0)
+        @pl.when(pl.program_id(2) == i32(0))
         def _():
             for ref, x in zip(carry_refs, init):
                 ref[...] = x
 
         init = tuple(ref[...] for ref in carry_refs)
-    t_block = (p.n_blocks - 1 - pl.program_id(2)) * p.block_t
+    t_block = (i32(p.n_blocks - 1) - pl.program_id(2)) * i32(p.block_t)
     n_groups = p.block_t // p.group
 
     def body(j, carry):
-        g = n_groups - 1 - j
-        sl = pl.ds(pl.multiple_of(g * p.group, p.group), p.group)
+        g = i32(n_groups - 1) - j
+        sl = chunk_rows(g, p.group)
         k, v = k_ref[sl, :].astype(jnp.float32), v_ref[sl, :].astype(jnp.float32)
         y, gy = y_ref[sl, :], gy_ref[sl, :].astype(jnp.float32)
         aap, bbp, ppp = aap_ref[sl, :], bbp_ref[sl, :], ppp_ref[sl, :]
@@ -198,18 +198,18 @@ def _bwd_kernel(p: _Plan, has_resets: bool, *refs):
                 new_doc = _rows(p, rs, i) > 0.0
                 new = tuple(jnp.where(new_doc, 0.0, x) for x in new[:3]) + tuple(new[3:])
             if p.masked:
-                valid = t_block + g * p.group + i < p.T
+                valid = t_block + g * i32(p.group) + i32(i) < i32(p.T)
                 new = tuple(jnp.where(valid, a, b) for a, b in zip(new, carry))
             gks[i], gvs[i], carry = gk, gv, tuple(new)
         gk_ref[sl, :] = _stack(p, gks).astype(gk_ref.dtype)
         gv_ref[sl, :] = _stack(p, gvs).astype(gv_ref.dtype)
         return carry
 
-    alpha, beta, gpp, gw, gu = jax.lax.fori_loop(0, n_groups, body, init)
+    alpha, beta, gpp, gw, gu = loop(n_groups, body, init)
     gw_ref[...], gu_ref[...], gaa0_ref[...], gbb0_ref[...] = gw, gu, alpha, beta
     gpp0_ref[...] = gpp  # the raw carry, while time blocks remain (TPU)
 
-    @pl.when(pl.program_id(2) == p.n_blocks - 1)
+    @pl.when(pl.program_id(2) == i32(p.n_blocks - 1))
     def _():  # a0 = aa0·e^{pp0}: pp0 also gets α̃·aa0 + β̃·bb0 (time block 0 holds t = 0)
         first = pl.ds(0, 1)
         gpp0_ref[...] = gpp + alpha * aap_ref[first, :] + beta * bbp_ref[first, :]
@@ -310,6 +310,7 @@ def wkv4_pallas(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
         if resets.shape != (B, T):
             raise ValueError(f"resets must be bool [B, T] = {(B, T)}; got {resets.shape}")
         rs = jnp.pad(resets.astype(jnp.float32), ((0, 0), (0, pad_t)))[..., None]
+    k, v = common.kernel_input(k), common.kernel_input(v)
     y, aa, bb, pp = _core(p, row(w, -1.0), row(u, 0.0), seq(k), seq(v), row(aa, 0.0),
                           row(bb, 0.0), row(pp, PP_EMPTY), rs)
     y, aa, bb, pp = y[:, :T, :C], aa[:, 0, :C], bb[:, 0, :C], pp[:, 0, :C]

@@ -111,8 +111,8 @@ def wkv6_pallas(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.A
     state = jnp.asarray(state, jnp.float32)
     if T == 0:
         return jnp.zeros(v.shape, v.dtype), state
-    w = jnp.asarray(w)
-    w = w if jnp.issubdtype(w.dtype, jnp.floating) else w.astype(jnp.float32)
+    out_dtype = v.dtype
+    r, w, k, v = (common.kernel_input(x) for x in (r, w, k, v))
     w = jnp.maximum(jnp.broadcast_to(w, k.shape), LOG_DECAY_MIN)
 
     plan = common.make_plan(backend, FORM, T, L, v.dtype)
@@ -122,4 +122,5 @@ def wkv6_pallas(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.A
     S0 = jnp.pad(jnp.swapaxes(state, -1, -2), pad2)             # kernel layout [value, key]
     u3 = jnp.pad(jnp.asarray(u, jnp.float32), ((0, 0), (0, n_pad - N)))[:, None, :]
     y, S = _run(plan, seq, (u3,), S0, common.resets_to_layout(plan, resets, B, T))
-    return common.from_layout(plan, y, T, N), jnp.swapaxes(S, -1, -2)[:, :, :N, :N]
+    y = common.from_layout(plan, y, T, N).astype(out_dtype)
+    return y, jnp.swapaxes(S, -1, -2)[:, :, :N, :N]

@@ -130,9 +130,11 @@ def wkv7_pallas(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.A
     state = jnp.asarray(state, jnp.float32)
     if T == 0:
         return jnp.zeros(shape, xs[3].dtype), state
+    out_dtype = xs[3].dtype
+    xs = tuple(common.kernel_input(x) for x in xs)
     plan = common.make_plan(backend, FORM, T, L, xs[3].dtype)
     n_pad = common.pow2_at_least(N, 16)
     S0 = jnp.pad(state, ((0, 0), (0, 0), (0, n_pad - N), (0, n_pad - N)))
     y, S = _run(plan, common.to_layout(plan, xs, n_pad), (), S0,
                 common.resets_to_layout(plan, resets, B, T))
-    return common.from_layout(plan, y, T, N), S[:, :, :N, :N]
+    return common.from_layout(plan, y, T, N).astype(out_dtype), S[:, :, :N, :N]
