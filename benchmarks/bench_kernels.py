@@ -101,7 +101,8 @@ def run_fla(a):
            "--warmup", str(a.warmup), "--repeats", str(a.repeats),
            "--versions", *[str(v) for v in a.versions if v in (6, 7)]]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.fla_timeout_s)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.fla_timeout_s,
+                           check=False)
         out = json.loads(p.stdout.strip().splitlines()[-1])
         return out["results"], out["errors"], {k: out.get(k) for k in ("fla", "torch", "device")}
     except Exception as e:  # noqa: BLE001 - recorded with the results
@@ -157,7 +158,7 @@ def main(argv=None):
                 t0 = time.perf_counter()
                 jax.block_until_ready(fn(*fn_args))
                 first = time.perf_counter() - t0
-                res = bench(lambda: jax.block_until_ready(fn(*fn_args)),
+                res = bench(lambda fn=fn, fn_args=fn_args: jax.block_until_ready(fn(*fn_args)),
                             warmup=max(a.warmup - 1, 0), repeats=a.repeats)
             except Exception as e:  # noqa: BLE001
                 tb = " | ".join(traceback.format_exc().strip().splitlines()[-3:])

@@ -8,7 +8,7 @@ concatenating must give exactly what the packed call gives.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +33,7 @@ def by_documents(fn: Callable, seq, state, resets):
     resets = np.asarray(resets)
     ys, finals = [], []
     for b in range(resets.shape[0]):
-        st = None if resets[b, 0] else jax.tree_util.tree_map(lambda x: x[b:b + 1], state)
+        st = None if resets[b, 0] else jax.tree_util.tree_map(lambda x, b=b: x[b:b + 1], state)
         row = []
         for s, e in spans(resets[b]):
             y, st = fn(tuple(x[b:b + 1, s:e] for x in seq), st if s == 0 else None)

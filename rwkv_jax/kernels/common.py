@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -148,11 +148,12 @@ def pow2_at_least(x: int, floor: int) -> int:
     return p
 
 
-# ----------------------------------------------------------------------------- 2-D blocks
-# Everything inside the kernels is 2-D (rows = time or value index, columns = channels):
-# Triton wants power-of-two 2-D tiles and 2-D dots, Mosaic's vector layouts are 2-D.
+# ----------------------------------------------------------------------------- in-kernel blocks
+# Values inside the kernels are 2-D tiles (rows = time or value index, columns = channels),
+# plus [L, L, N] pair tensors for the intra-chunk terms: Triton wants power-of-two shapes
+# and 2-D dots, and Mosaic lays out the last two dims of a value as (sublane, lane) tiles.
 
-def iota(shape: tuple[int, int], axis: int) -> jax.Array:
+def iota(shape: tuple[int, ...], axis: int) -> jax.Array:
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
@@ -201,22 +202,18 @@ def span_sums(w: jax.Array, *, inclusive: bool) -> jax.Array:
     difference cancels, and its fp32 error becomes the relative error of factors near 1.
     """
     L, N = w.shape
-    t, j, m = iota3((L, L, L), 0), iota3((L, L, L), 1), iota3((L, L, L), 2)
+    t, j, m = iota((L, L, L), 0), iota((L, L, L), 1), iota((L, L, L), 2)
     span = (j < m) & ((m <= t) if inclusive else (m < t))
     return dot(span.astype(jnp.float32).reshape(L * L, L), w).reshape(L, L, N)
 
 
 def pair_mask(L: int, N: int, seg: jax.Array | None, *, inclusive: bool) -> jax.Array:
     """``[L, L, N]`` bool: pairs (t, j) with j < t (j ≤ t) in the same document."""
-    t, j = iota3((L, L, N), 0), iota3((L, L, N), 1)
+    t, j = iota((L, L, N), 0), iota((L, L, N), 1)
     mask = (j <= t) if inclusive else (j < t)
     if seg is not None:
         mask = mask & (seg[:, None, :] == seg[None, :, :])
     return mask
-
-
-def iota3(shape: tuple[int, int, int], axis: int) -> jax.Array:
-    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
 def segments(reset_col: jax.Array, n: int) -> jax.Array:

@@ -254,7 +254,7 @@ def _core_fwd(p, w, u, k, v, aa, bb, pp, resets):
 def _core_bwd(p, res, cot):
     w, u, k, v, (y, aa_T, bb_T, _), prev, resets = res
     gy, g_aa, g_bb, g_pp = cot
-    B, T, C = k.shape
+    B, _, C = k.shape
     has_resets = resets is not None
     row = jax.ShapeDtypeStruct((B, 1, C), jnp.float32)
     out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),

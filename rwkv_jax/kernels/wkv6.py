@@ -46,8 +46,8 @@ import jax
 import jax.numpy as jnp
 
 from rwkv_jax.kernels import common
-from rwkv_jax.kernels.common import (dot, dot_nt, dot_tn, masked_exp, pair_mask,
-                                     prefix_matrix, row, span_sums, suffix_matrix)
+from rwkv_jax.kernels.common import (dot, dot_nt, dot_tn, masked_exp, pair_mask, prefix_matrix,
+                                     row, span_sums, suffix_matrix)
 from rwkv_jax.ops.wkv6 import LOG_DECAY_MIN
 
 FORM = "wkv6 'pallas'"
