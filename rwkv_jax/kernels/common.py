@@ -115,7 +115,7 @@ def i32(x: int) -> np.int32:
 def loop(n: int, body, init):
     """``fori_loop(0, n, body, init)``; under ``jax_enable_x64`` an int32 ``while_loop``
     instead (fori_loop then counts in int64, whose cast to int32 Mosaic mis-lowers)."""
-    if not jax.config.read("jax_enable_x64"):
+    if jax.dtypes.canonicalize_dtype(jnp.int64) != jnp.int64:  # x64 off
         return jax.lax.fori_loop(0, n, body, init)
     _, out = jax.lax.while_loop(lambda c: c[0] < i32(n),
                                 lambda c: (c[0] + i32(1), body(c[0], c[1])), (i32(0), init))

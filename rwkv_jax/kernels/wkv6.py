@@ -16,10 +16,11 @@ Design (one program per (batch, head); chunks of L = ``chunk_size`` tokens, defa
         A[t, j] = Σ_i r_t,i k_j,i e^{D(j,t)_i}
         S_end = e^{D(-1,L)} ⊙ S  +  Σ_j (k_j ⊙ e^{D(j,L)}) v_jᵀ
 
-    The state terms are [L, N] x [N, N] matmuls; the L x L intra-chunk matrix A is built one
-    column at a time (L element-wise [L, N] exp-products; the spans D(j, ·) by a running sum
-    over j), then ``A @ V``. Resets mask A and the state terms by document (no reset between
-    the two tokens), so a packed row is exactly its documents run one by one;
+    The state terms are [L, N] x [N, N] matmuls; the L x L intra-chunk matrix A is an
+    element-wise [L, L, N] exp-product summed over i (the spans D(j, t) from one matmul with
+    a 0/1 span matrix, :func:`~rwkv_jax.kernels.common.span_sums`), then ``A @ V``. Resets
+    mask A and the state terms by document (no reset between the two tokens), so a packed
+    row is exactly its documents run one by one;
   * the forward also stores S before every chunk (checkpoints, [B, H, T/L, N, N] float32:
     1 GiB at B=8, T=4096, H=32, N=64, L=16; FLA's chunk_rwkv6 keeps the same per-chunk
     states);
@@ -28,12 +29,15 @@ Design (one program per (batch, head); chunks of L = ``chunk_size`` tokens, defa
     kernel (:func:`~rwkv_jax.kernels.common.chunked_recurrence`).
 
 Expected GPU cost (not yet measured; an estimate to check against benchmarks/gpu_check.sh):
-per chunk and head, ~L²N exps and ~6 LN² + 2 L²N fp32 FMAs on the tensor-core-free "ieee"
-path, i.e. ~1 K exps and ~30 K FMAs per token per head, ~4 GFLOP-equivalents per layer at
-B=8, T=4096, C=2048: far from compute bound; the chunk loop is sequential per (b, h) (256
-programs at that shape, ~2 per SM on an H100/H200), so latency of the ~T/L = 256 chunk steps
-dominates. Guess: ~1-3 ms forward, 3-4x that forward+backward (FLA's chunk_rwkv6 on an H100:
-7.8 ms fwd+bwd in bf16).
+per chunk and head ~0.5 M fp32 FMAs (half of them the span sums' [L², L] x [L, N] matmul, the
+rest the [L, N] x [N, N] state products and the pair tensor) and L²N = 16 K exps, all on the
+fp32 "ieee" path (no tensor cores): ~31 K FMAs and 1 K exps per token and head, ~65 GFLOP
+per call at B=8, T=4096, C=2048, i.e. >= 1 ms at an H200's ~67 TFLOP/s fp32 if the 256
+(b, h) programs (~2 per SM) kept the FMA units busy; the chunk loop is sequential per
+program, so expect latency on top. Guess: 1.5-3 ms forward, ~3x that forward+backward
+(the backward recomputes each chunk and runs its VJP). FLA's chunk_rwkv6 on an H100: 7.8 ms
+fwd+bwd in bf16. If the span sums dominate, the [L², L] matmul is the first thing to cut
+(e.g. a running sum over j, at the price of a longer kernel body).
 
 Lowerings: Triton on GPU (grid (B, H, 1), N padded to a power of two >= 16), Mosaic on TPU
 (head-major layout, time in blocks of ``TPU_BLOCK_T`` tokens on a sequential grid axis),

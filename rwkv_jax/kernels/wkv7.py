@@ -29,11 +29,13 @@ Design (one program per (batch, head); chunks of L = ``chunk_size`` tokens, defa
     kernel (:func:`~rwkv_jax.kernels.common.chunked_recurrence`).
 
 Expected GPU cost (not yet measured; an estimate to check against benchmarks/gpu_check.sh):
-per chunk and head ~2 L²N exps, ~4 L²N + ~10 LN² fp32 FMAs (no tensor cores: "ieee" fp32
-dots), i.e. ~2 K exps and ~45 K FMAs per token per head; sequential over T/L = 256 chunks
-per (b, h) at T = 4096, 256 programs at B=8, H=32, so chunk-step latency dominates. Guess:
-~2-4 ms forward, 3-4x that forward+backward (H100: the official CUDA kernel 4.2 / 11.5 ms,
-FLA chunk_rwkv7 2.6 / 11.1 ms, bf16).
+per chunk and head ~1.1 M fp32 FMAs (two span-sum matmuls ~0.5 M, four [L, L, N] pair
+tensors, ten small matmuls incl. two [L, N] x [N, N] state products and two [N, L] x [L, N]
+state updates) and 2 L²N = 32 K exps, on the fp32 "ieee" path (no tensor cores): ~71 K FMAs
+and 2 K exps per token and head, ~150 GFLOP per call at B=8, T=4096, H=32, N=64, i.e.
+>= 2.2 ms at an H200's ~67 TFLOP/s fp32 with the 256 (b, h) programs busy; the chunk loop
+is sequential per program. Guess: 3-5 ms forward, ~3x that forward+backward. H100 peers
+(bf16): the official CUDA kernel 4.2 / 11.5 ms, FLA chunk_rwkv7 2.6 / 11.1 ms fwd / fwd+bwd.
 
 Lowerings: Triton on GPU (grid (B, H, 1), N padded to a power of two >= 16), Mosaic on TPU
 (head-major layout, time in blocks of ``TPU_BLOCK_T`` tokens on a sequential grid axis),
