@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rwkv_jax.ops.wkv4 import wkv4, wkv4_associative, wkv4_pallas, wkv4_scan
+from rwkv_jax.kernels.wkv4 import wkv4_pallas
+from rwkv_jax.ops.wkv4 import wkv4, wkv4_associative, wkv4_scan
 
 FORMS = {
     "scan": wkv4_scan,

@@ -30,8 +30,8 @@ import pytest
 
 from reference_np import wkv4_ref
 from rwkv_jax.ops.impl import WkvImpl, resolve_impl
-from rwkv_jax.ops.wkv4 import (PALLAS_BLOCK_C, SUPPORTED, Wkv4State, wkv4, wkv4_associative,
-                               wkv4_pallas, wkv4_scan, wkv4_step)
+from rwkv_jax.ops.wkv4 import (SUPPORTED, Wkv4State, wkv4, wkv4_associative, wkv4_scan,
+                               wkv4_step)
 
 B, C = 2, 16
 WARMUP = 20
@@ -47,11 +47,8 @@ FORMS = {
     "wkv4[scan]": functools.partial(wkv4, impl="scan"),
     "wkv4[associative]": functools.partial(wkv4, impl=WkvImpl.ASSOCIATIVE),
     "wkv4[auto]": functools.partial(wkv4, impl="auto"),
-    # Pallas, in interpret mode on CPU (compiled, Triton, on GPU). C = 16 is padded to one
-    # block of PALLAS_BLOCK_C = 32 channels; several blocks: test_pallas_channel_blocks.
-    "pallas": wkv4_pallas,
-    "wkv4[pallas]": functools.partial(wkv4, impl=WkvImpl.PALLAS),
 }
+# The Pallas kernels (WkvImpl.PALLAS) are tested in test_kernels_wkv4.py.
 # XLA:CPU spends up to ~10 s compiling one associative scan (15 s for its backward) at the
 # default optimisation level; level 0 (LLVM without its optimisation passes; the arithmetic
 # XLA emits is the same) takes a third of that. test_jit_matches_eager also runs the default.
@@ -60,7 +57,7 @@ JIT = {name: jax.jit(f, compiler_options=FAST_COMPILE) for name, f in FORMS.item
 # The value matrix runs the forms and the dispatch models use (AUTO); that ``wkv4`` with
 # an explicit impl returns exactly that form's result is checked once, bit for bit, in
 # test_dispatch_is_the_form (a second compile per T of the same associative scan costs ~5 s).
-MATRIX = ["scan", "associative", "pallas", "wkv4[auto]"]
+MATRIX = ["scan", "associative", "wkv4[auto]"]
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -134,7 +131,7 @@ def test_forms_match_fp64_reference(form, T):
     _assert_state_close(state, ref, S, TOL_FP32)
 
 
-@pytest.mark.parametrize("impl", ["scan", "associative", "pallas", "auto"])
+@pytest.mark.parametrize("impl", ["scan", "associative", "auto"])
 def test_dispatch_is_the_form(impl):
     """``wkv4(impl=...)`` returns exactly what the form it resolves to returns (same bits)."""
     w, u, k, v, st, _ = _case(7)
@@ -188,7 +185,7 @@ def test_token_by_token_step_equals_whole():
         assert y_t.dtype == jnp.float32 and all(s.dtype == jnp.float32 for s in state)
         ys.append(y_t)
     y = jnp.stack(ys, axis=1)
-    for form, tol in (("scan", TOL_SAME), ("associative", TOL_SPLIT), ("pallas", TOL_SPLIT)):
+    for form, tol in (("scan", TOL_SAME), ("associative", TOL_SPLIT)):
         y_all, s_all = JIT[form](w, u, k, v, Wkv4State(*_f32(*st)))
         assert _y_err(y, np.asarray(y_all, np.float64), S) <= tol, form
         _assert_state_close(state, s_all, S, tol)
@@ -307,7 +304,7 @@ GRAD_NAMES = ("w", "u", "k", "v", "aa", "bb", "pp")
 
 @pytest.mark.parametrize("kind", ["moderate", "extreme"])
 @pytest.mark.parametrize("T", [1, 7, 64, 129])
-@pytest.mark.parametrize("form", ["scan", "associative", "pallas"])
+@pytest.mark.parametrize("form", ["scan", "associative"])
 def test_gradients_match_fp64_closed_form(form, T, kind):
     got, ref = _lib_grads(form, T, kind), _ref_grads(T, kind)
     _assert_finite(got)
@@ -315,7 +312,7 @@ def test_gradients_match_fp64_closed_form(form, T, kind):
     assert max(errs.values()) <= TOL_GRAD, {n: f"{e:.1e}" for n, e in errs.items()}
 
 
-@pytest.mark.parametrize("form", ["scan", "associative", "pallas"])
+@pytest.mark.parametrize("form", ["scan", "associative"])
 def test_gradients_from_empty_state(form):
     """Backward through pp = -1e38 stays finite and exact (w, u, k, v)."""
     got, ref = _lib_grads(form, 64, "extreme", with_state=False), _ref_grads(64, "extreme", False)
@@ -415,65 +412,3 @@ def test_step_jit_matches_eager():
     y_eager, s_eager = wkv4_step(*args)
     assert float(np.max(np.abs(np.asarray(y_jit) - np.asarray(y_eager)) / S)) <= TOL_SAME
     _assert_state_close(s_eager, s_jit, S, TOL_SAME)
-
-
-# ----------------------------------------------------------------------------- 7. Pallas
-
-def test_pallas_channel_blocks():
-    """Several channel blocks, C not a multiple of the block, B = 3: values, final state and
-    gradients (state cotangents included, extreme decays) equal the scan form's (the same
-    float32 operations; bit for bit in interpret mode). An odd block size is refused."""
-    B3, T, C3 = 3, 129, 2 * PALLAS_BLOCK_C + 12
-    rng = np.random.default_rng(11)
-    w = -np.geomspace(-np.log(0.99999), 400.0, C3)
-    u = rng.uniform(-5.0, 8.0, C3)
-    k = rng.uniform(-1.0, 1.0, (B3, T, C3)) * rng.choice([60.0, 2.0, 20.0, 6.0], C3)
-    v = rng.standard_normal((B3, T, C3))
-    aa, bb, pp = rng.standard_normal((B3, C3)), rng.uniform(0.1, 2.0, (B3, C3)), rng.normal(
-        0.0, 10.0, (B3, C3))
-    g, g_aa, g_bb, g_pp = (rng.standard_normal(x.shape) for x in (v, aa, bb, pp))
-    args = _f32(w, u, k, v, aa, bb, pp)
-    S = np.maximum(np.abs(v).max(axis=1), np.abs(aa / bb))
-
-    def F(f, w, u, k, v, aa, bb, pp):
-        y, s = f(w, u, k, v, Wkv4State(aa, bb, pp))
-        return (jnp.sum(y * g) + jnp.sum(s.aa * g_aa) + jnp.sum(s.bb * g_bb)
-                + jnp.sum(s.pp * g_pp), (y, s))
-
-    def run(f):
-        grad = jax.grad(functools.partial(F, f), argnums=tuple(range(7)), has_aux=True)
-        return jax.jit(grad, compiler_options=FAST_COMPILE)(*args)
-
-    (g_pal, (y_pal, s_pal)), (g_scan, (y_scan, s_scan)) = run(wkv4_pallas), run(wkv4_scan)
-    assert y_pal.shape == (B3, T, C3) and all(x.shape == (B3, C3) for x in s_pal)
-    _assert_finite(y_pal, s_pal, g_pal)
-    assert _y_err(y_pal, np.asarray(y_scan, np.float64), S) <= TOL_SPLIT
-    _assert_state_close(s_pal, s_scan, S, TOL_SPLIT)
-    for n, a, b in zip(GRAD_NAMES, g_pal, g_scan):
-        assert _grad_err(np.asarray(a, np.float64), np.asarray(b, np.float64)) <= TOL_GRAD, n
-    with pytest.raises(ValueError, match="power of two"):
-        wkv4_pallas(*args[:4], block_c=12)
-
-
-def test_pallas_lowers_to_triton():
-    """The compiled kernels (forward, and backward under grad) lower for CUDA through the
-    Pallas Triton backend, from this CPU-only machine: bf16 keys, padded C, odd T, x64 on.
-    jax >= 0.11 wants a GPU (or an abstract one) to lower: skipped there without one."""
-    B3, T, C3 = 2, 129, PALLAS_BLOCK_C + 8
-    z = functools.partial(jnp.zeros, dtype=jnp.float32)
-    args = (z(C3), z(C3), jnp.zeros((B3, T, C3), jnp.bfloat16), z((B3, T, C3)),
-            Wkv4State(z((B3, C3)), z((B3, C3)), z((B3, C3))))
-    f = functools.partial(wkv4_pallas, interpret=False)
-
-    def loss(w, u, k, v, st):
-        y, s = f(w, u, k, v, st)
-        return jnp.sum(y.astype(jnp.float32)) + jnp.sum(s.aa) + jnp.sum(s.pp)
-
-    for fn, n_kernels in ((f, 1), (jax.grad(loss, argnums=(0, 1, 2, 3, 4)), 2)):
-        try:
-            text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-        except RuntimeError as e:
-            if "No supported GPU" in str(e):
-                pytest.skip(f"this jax lowers Triton kernels only with a GPU: {e}")
-            raise
-        assert text.count("triton") >= n_kernels

@@ -272,8 +272,6 @@ def test_dispatch_errors():
     args = make_inputs(4, seed=13)
     with pytest.raises(ValueError, match="unknown WKV implementation"):
         wkv6(*args, impl="flash")
-    with pytest.raises(ValueError, match="no 'pallas' form"):
-        wkv6(*args, impl=WkvImpl.PALLAS)
     with pytest.raises(ValueError, match="chunk_size"):
         wkv6_chunked(*args, chunk_size=24)
     with pytest.raises(ValueError, match="u must be"):

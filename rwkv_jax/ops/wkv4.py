@@ -22,22 +22,17 @@ Forms:
   * :func:`wkv4_scan`         ``lax.scan`` of the step (oracle; the fast form on CPU);
   * :func:`wkv4_associative`  log-space ``lax.associative_scan`` with a running max
                               (parallel over T; the fast form on GPU/TPU);
-  * :func:`wkv4_pallas`       Pallas kernel (Triton backend on GPU; interpret mode on CPU):
-                              one program per (batch, channel block) runs the step loop,
-                              with a Pallas reverse-time kernel for the backward. Never
-                              picked by AUTO (not yet measured on a GPU);
+  * ``WkvImpl.PALLAS``        the Pallas kernels of :mod:`rwkv_jax.kernels.wkv4`
+                              (imported on first use; never picked by AUTO);
   * :func:`wkv4`              dispatch through :class:`~rwkv_jax.ops.impl.WkvImpl`.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
-
 from rwkv_jax.ops.impl import WkvImpl, resolve_impl
 
 # Empty-state running max, as in the official CUDA kernel (MIN_VALUE). Finite so that
@@ -61,10 +56,9 @@ class Wkv4State(NamedTuple):
         return cls(z, z, jnp.full((batch_size, channels), PP_EMPTY, jnp.float32))
 
 
-def _prepare(w, u, k, v, state, *, cast_kv: bool = True):
+def _prepare(w, u, k, v, state):
     """Defaults and float32 casts shared by the forms: the empty state for None, ``w, u``
-    broadcast to [B, C]; ``k, v`` cast to float32 unless ``cast_kv`` is False (the Pallas
-    kernels read them in their own dtype)."""
+    broadcast to [B, C], ``k, v`` cast to float32."""
     B, _, C = k.shape
     if state is None:
         state = Wkv4State.zeros(B, C)
@@ -72,9 +66,7 @@ def _prepare(w, u, k, v, state, *, cast_kv: bool = True):
     # w, u: [C] -> [B, C], explicit so the ops also run under rank_promotion="raise"
     w = jnp.broadcast_to(jnp.asarray(w, jnp.float32), (B, C))
     u = jnp.broadcast_to(jnp.asarray(u, jnp.float32), (B, C))
-    if cast_kv:
-        k, v = k.astype(jnp.float32), v.astype(jnp.float32)
-    return w, u, k, v, state
+    return w, u, k.astype(jnp.float32), v.astype(jnp.float32), state
 
 
 def _output_weights(u, k_t, pp):
@@ -145,8 +137,9 @@ def _scan_fwd(w, u, kt, vt, aa, bb, pp):
     return (y, *final), (w, u, kt, vt, y, prev, final)
 
 
-def _bwd_step(w, u, k_t, v_t, y_t, g_t, aa, bb, pp, pp_t, carry):
-    """One reverse step of :func:`_scan_bwd` (shared with the Pallas backward kernel).
+def wkv4_bwd_step(w, u, k_t, v_t, y_t, g_t, aa, bb, pp, pp_t, carry):
+    """One reverse step of :func:`_scan_bwd` (shared with the Pallas backward kernel in
+    :mod:`rwkv_jax.kernels.wkv4`).
 
     ``aa, bb, pp``: the state before token t; ``pp_t``: the running max after it; ``g_t``:
     the cotangent of ``y_t``; ``carry = (α̃_t, β̃_t, ḡ_pp_t, gw, gu)``. Returns the carry for
@@ -185,7 +178,7 @@ def _scan_bwd(res, cot):
     pp_next = jnp.concatenate([pp_prev[1:], pp_T[None]], axis=0)  # pp_t, the state after t
 
     def body(carry, xs):
-        carry, gk, gv = _bwd_step(w, u, *xs, carry)
+        carry, gk, gv = wkv4_bwd_step(w, u, *xs, carry)
         return carry, (gk, gv)
 
     zero = jnp.zeros_like(aa_T)
@@ -241,189 +234,18 @@ def wkv4_associative(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
     return y.astype(out_dtype), Wkv4State(a[:, -1], b[:, -1], p[:, -1])
 
 
-# ----------------------------------------------------------------------------- Pallas
-
-# Channels per program. The official CUDA kernel runs one thread per (batch, channel) in
-# blocks of min(C, 32) threads; 32 channels and one warp per program is the same layout
-# (B·C/32 programs). Not tuned on a GPU yet: ``block_c=`` overrides it. Kept at 32 when
-# C < 32 too (only toy widths; the padding costs nothing that matters there).
-PALLAS_BLOCK_C = 32
-
-
-def _pallas_block_c(block_c: int | None) -> int:
-    block_c = PALLAS_BLOCK_C if block_c is None else block_c
-    if block_c < 1 or block_c & (block_c - 1):
-        raise ValueError(f"block_c must be a power of two, got {block_c}")
-    return block_c
-
-
-def _pallas_call(kernel, out_shape, in_specs, out_specs, grid, block_c, interpret):
-    """``pl.pallas_call`` on the Triton backend, or in interpret mode. Triton is named by its
-    compiler params: without them a GPU pallas_call lowers to Mosaic GPU (jax 0.10, 0.11)."""
-    params = None
-    if not interpret:
-        from jax.experimental.pallas import triton as pltriton
-        params = pltriton.CompilerParams(num_warps=max(1, block_c // 32))
-    return pl.pallas_call(kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-                          out_specs=out_specs, compiler_params=params,
-                          interpret=interpret, name=kernel.__name__)
-
-
-# Block layout, shared by both kernels; grid (B, C_pad // block_c), one program per
-# (batch row, channel block). Time-series arrays stay [B, T, C] with block (1, T, block_c)
-# (T not padded: the Triton lowering turns a block into a base offset and only needs the
-# arrays that are loaded or stored to have a power-of-two size, here one [block_c] row per
-# step, ``ref[0, t, :]``: 32 contiguous floats, one coalesced access per warp); per-row
-# arrays ([B, C]: w, u, the state fields, the gw/gu partial sums) have block (1, block_c).
-def _specs(block_c, T, kinds):
-    seq = pl.BlockSpec((1, T, block_c), lambda b, c: (b, 0, c))
-    row = pl.BlockSpec((1, block_c), lambda b, c: (b, c))
-    return [seq if kd == "seq" else row for kd in kinds]
-
-
-def _pallas_fwd_kernel(w_ref, u_ref, k_ref, v_ref, aa_ref, bb_ref, pp_ref,
-                       y_ref, aa_out, bb_out, pp_out, *prev_refs):
-    """One (b, channel block): the step loop over T; state in values (registers).
-
-    With ``prev_refs`` (aa, bb, pp [1, T, block_c]) it also writes the state before each
-    token, which the backward kernel reads (what ``_scan_fwd`` keeps).
-    """
-    w, u = w_ref[0, :], u_ref[0, :]
-
-    def body(t, carry):
-        k_t = k_ref[0, t, :].astype(jnp.float32)
-        v_t = v_ref[0, t, :].astype(jnp.float32)
-        for ref, s in zip(prev_refs, carry):
-            ref[0, t, :] = s
-        y_t, new = wkv4_step(w, u, k_t, v_t, Wkv4State(*carry))
-        y_ref[0, t, :] = y_t
-        return tuple(new)
-
-    init = (aa_ref[0, :], bb_ref[0, :], pp_ref[0, :])
-    aa, bb, pp = jax.lax.fori_loop(0, k_ref.shape[1], body, init)
-    aa_out[0, :], bb_out[0, :], pp_out[0, :] = aa, bb, pp
-
-
-def _pallas_bwd_kernel(w_ref, u_ref, k_ref, v_ref, y_ref, gy_ref, aap_ref, bbp_ref, ppp_ref,
-                       aaT_ref, bbT_ref, ppT_ref, gaa_ref, gbb_ref, gpp_ref,
-                       gk_ref, gv_ref, gw_ref, gu_ref, gaa0_ref, gbb0_ref, gpp0_ref):
-    """One (b, channel block): the reverse-time loop of :func:`_scan_bwd` (same step,
-    :func:`_bwd_step`), carrying the running max after token t (``pp_T`` at the start).
-    Writes gk, gv per step; gw, gu as this row's sums (reduced over B by the caller)."""
-    w, u = w_ref[0, :], u_ref[0, :]
-    T = k_ref.shape[1]
-
-    def body(i, carry):
-        carry, pp_t = carry[:5], carry[5]
-        t = T - 1 - i
-        k_t = k_ref[0, t, :].astype(jnp.float32)
-        v_t = v_ref[0, t, :].astype(jnp.float32)
-        pp = ppp_ref[0, t, :]
-        carry, gk, gv = _bwd_step(w, u, k_t, v_t, y_ref[0, t, :], gy_ref[0, t, :],
-                                  aap_ref[0, t, :], bbp_ref[0, t, :], pp, pp_t, carry)
-        gk_ref[0, t, :] = gk.astype(gk_ref.dtype)
-        gv_ref[0, t, :] = gv.astype(gv_ref.dtype)
-        return (*carry, pp)
-
-    g_aa, g_bb, aa_T, bb_T = gaa_ref[0, :], gbb_ref[0, :], aaT_ref[0, :], bbT_ref[0, :]
-    zero = jnp.zeros_like(g_aa)
-    init = (g_aa, g_bb, gpp_ref[0, :] - g_aa * aa_T - g_bb * bb_T, zero, zero, ppT_ref[0, :])
-    alpha, beta, gpp, gw, gu, _ = jax.lax.fori_loop(0, T, body, init)
-    gw_ref[0, :], gu_ref[0, :] = gw, gu
-    gaa0_ref[0, :], gbb0_ref[0, :] = alpha, beta
-    gpp0_ref[0, :] = gpp + alpha * aap_ref[0, 0, :] + beta * bbp_ref[0, 0, :]
-
-
-def _pallas_forward(block_c, interpret, w, u, k, v, aa, bb, pp, save):
-    B, T, C = k.shape
-    f32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.float32)
-    out_shape = [f32((B, T, C)), f32((B, C)), f32((B, C)), f32((B, C))]
-    out_kinds = ["seq", "row", "row", "row"]
-    if save:
-        out_shape += [f32((B, T, C))] * 3
-        out_kinds += ["seq"] * 3
-    out = _pallas_call(_pallas_fwd_kernel, out_shape,
-                       _specs(block_c, T, ["row", "row", "seq", "seq", "row", "row", "row"]),
-                       _specs(block_c, T, out_kinds), (B, C // block_c), block_c, interpret,
-                       )(w, u, k, v, aa, bb, pp)
-    return tuple(out[:4]), tuple(out[4:])
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _pallas_core(block_c, interpret, w, u, k, v, aa, bb, pp):
-    """float32 ``w, u`` and state fields [B, C], ``k, v`` [B, T, C] (any float dtype), C a
-    multiple of ``block_c`` -> ``(y [B, T, C] float32, aa, bb, pp)``."""
-    return _pallas_forward(block_c, interpret, w, u, k, v, aa, bb, pp, save=False)[0]
-
-
-def _pallas_core_fwd(block_c, interpret, w, u, k, v, aa, bb, pp):
-    out, prev = _pallas_forward(block_c, interpret, w, u, k, v, aa, bb, pp, save=True)
-    return out, (w, u, k, v, out, prev)
-
-
-def _pallas_core_bwd(block_c, interpret, res, cot):
-    w, u, k, v, (y, aa_T, bb_T, pp_T), prev = res
-    gy, g_aa, g_bb, g_pp = cot
-    B, T, C = k.shape
-    row = jax.ShapeDtypeStruct((B, C), jnp.float32)
-    out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 *[row] * 5]
-    in_kinds = ["row", "row", "seq", "seq", "seq", "seq", "seq", "seq", "seq", *["row"] * 6]
-    gk, gv, gw, gu, g_aa0, g_bb0, g_pp0 = _pallas_call(
-        _pallas_bwd_kernel, out_shape, _specs(block_c, T, in_kinds),
-        _specs(block_c, T, ["seq", "seq", *["row"] * 5]), (B, C // block_c), block_c,
-        interpret,
-    )(w, u, k, v, y, gy, *prev, aa_T, bb_T, pp_T, g_aa, g_bb, g_pp)
-    return gw, gu, gk, gv, g_aa0, g_bb0, g_pp0
-
-
-_pallas_core.defvjp(_pallas_core_fwd, _pallas_core_bwd)
-
-
-def wkv4_pallas(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
-                state: Wkv4State | None = None, *, interpret: bool | None = None,
-                block_c: int | None = None) -> tuple[jax.Array, Wkv4State]:
-    """Pallas form: a fused kernel running :func:`wkv4_step` over T per (batch, channel
-    block), differentiated by a Pallas reverse-time kernel doing :func:`_scan_bwd`'s step.
-
-    Shapes and contract as the module legend: ``w, u`` [C] (or [B, C]), ``k, v`` [B, T, C]
-    (read in their own dtype, accumulated in float32), ``state`` fields [B, C] float32 or
-    None; returns ``(y [B, T, C] in v's dtype, final state float32)``. The same float32
-    operations in the same order as :func:`wkv4_scan`, forward and backward (bit for bit in
-    interpret mode; compiled, Triton's exp and division may differ from XLA's by ulps).
-
-    Grid (B, ceil(C / block_c)); ``block_c`` (a power of two) defaults to
-    ``PALLAS_BLOCK_C`` (32). C is zero-padded up to a multiple of it
-    (padded channels: empty state, w = -1; sliced off). The forward kernel also writes the
-    state before each token for the backward (3 x [B, T, C] float32, as ``wkv4_scan``).
-
-    ``interpret``: run the kernels through Pallas' interpreter (None: when JAX's default
-    backend is the CPU; compiled otherwise). Compiled means the Pallas Triton backend: GPU
-    only (TPU would need its own kernel).
-    """
-    out_dtype = v.dtype
-    B, T, C = k.shape
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
-    bc = _pallas_block_c(block_c)
-    w, u, k, v, (aa, bb, pp) = _prepare(w, u, k, v, state, cast_kv=False)
-    if T == 0:
-        return jnp.zeros((B, 0, C), out_dtype), Wkv4State(aa, bb, pp)
-    pad = -C % bc
-    if pad:
-        def row(x, fill):
-            return jnp.pad(x, ((0, 0), (0, pad)), constant_values=fill)
-
-        w, u, aa, bb, pp = row(w, -1.0), row(u, 0.0), row(aa, 0.0), row(bb, 0.0), row(pp, PP_EMPTY)
-        k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, pad))) for x in (k, v))
-    y, aa, bb, pp = _pallas_core(bc, bool(interpret), w, u, k, v, aa, bb, pp)
-    if pad:
-        y, aa, bb, pp = y[..., :C], aa[:, :C], bb[:, :C], pp[:, :C]
-    return y.astype(out_dtype), Wkv4State(aa, bb, pp)
+def _pallas(*args, **kwargs):
+    """``WkvImpl.PALLAS``: :func:`rwkv_jax.kernels.wkv4.wkv4_pallas`, imported on first use
+    (the kernels are optional)."""
+    try:
+        from rwkv_jax.kernels.wkv4 import wkv4_pallas
+    except ImportError as e:
+        raise NotImplementedError(f"wkv4 'pallas' form unavailable: {e}") from None
+    return wkv4_pallas(*args, **kwargs)
 
 
 _FORMS = {WkvImpl.SCAN: wkv4_scan, WkvImpl.ASSOCIATIVE: wkv4_associative,
-          WkvImpl.PALLAS: wkv4_pallas}
+          WkvImpl.PALLAS: _pallas}
 
 
 def wkv4(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,

@@ -24,6 +24,8 @@ Forms:
   * :func:`wkv6_chunked`      intra-chunk matmuls plus a scan over chunks (reference §4.3);
   * :func:`wkv6_associative`  ``lax.associative_scan`` over (decay, outer product) pairs;
                               materialises one N×N state per token, so short sequences only;
+  * ``WkvImpl.PALLAS``        the chunked Pallas kernels of :mod:`rwkv_jax.kernels.wkv6`
+                              (imported on first use; never picked by AUTO);
   * :func:`wkv6`              dispatch through :class:`~rwkv_jax.ops.impl.WkvImpl`.
 """
 
@@ -34,7 +36,7 @@ import jax.numpy as jnp
 
 from rwkv_jax.ops.impl import WkvImpl, resolve_impl
 
-SUPPORTED = (WkvImpl.SCAN, WkvImpl.CHUNKED, WkvImpl.ASSOCIATIVE)
+SUPPORTED = (WkvImpl.SCAN, WkvImpl.CHUNKED, WkvImpl.ASSOCIATIVE, WkvImpl.PALLAS)
 
 # Sub-chunk length of the chunked form (FLA's BC). Exponent tensors of the diagonal blocks
 # cost chunk_size·SUB_CHUNK·N per chunk, so this stays small.
@@ -243,8 +245,18 @@ def wkv6_associative(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: 
     return y.astype(out_dtype), S[:, T]
 
 
+def _pallas(*args, **kwargs):
+    """``WkvImpl.PALLAS``: :func:`rwkv_jax.kernels.wkv6.wkv6_pallas`, imported on first use
+    (the kernels are optional)."""
+    try:
+        from rwkv_jax.kernels.wkv6 import wkv6_pallas
+    except ImportError as e:
+        raise NotImplementedError(f"wkv6 'pallas' form unavailable: {e}") from None
+    return wkv6_pallas(*args, **kwargs)
+
+
 _FORMS = {WkvImpl.SCAN: wkv6_scan, WkvImpl.CHUNKED: wkv6_chunked,
-          WkvImpl.ASSOCIATIVE: wkv6_associative}
+          WkvImpl.ASSOCIATIVE: wkv6_associative, WkvImpl.PALLAS: _pallas}
 
 
 def wkv6(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.Array,

@@ -28,6 +28,8 @@ Forms:
   * :func:`wkv7_chunked`  the WY / DPLR chunked form of reference §5.4: intra-chunk
                           matrices, a unit-lower-triangular inverse, and a ``lax.scan`` that only
                           carries the state across chunks;
+  * ``WkvImpl.PALLAS``    the chunked Pallas kernels of :mod:`rwkv_jax.kernels.wkv7`
+                          (imported on first use; never picked by AUTO);
   * :func:`wkv7`          dispatch through :class:`~rwkv_jax.ops.impl.WkvImpl`.
 
 There is no associative-scan form: its combine would be a product of N×N transition
@@ -42,7 +44,7 @@ import jax.numpy as jnp
 
 from rwkv_jax.ops.impl import WkvImpl, resolve_impl
 
-SUPPORTED = (WkvImpl.SCAN, WkvImpl.CHUNKED)
+SUPPORTED = (WkvImpl.SCAN, WkvImpl.CHUNKED, WkvImpl.PALLAS)
 
 # Chunk length of the chunked form. The intra-chunk terms cost O(T·C·N) exps (one C×C×N
 # exponent tensor per chunk), so smaller is cheaper: on CPU at B=8, T=512, H=8, N=64
@@ -217,7 +219,17 @@ def wkv7_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.
     return y.astype(out_dtype), state_from_fla(Z)
 
 
-_FORMS = {WkvImpl.SCAN: wkv7_scan, WkvImpl.CHUNKED: wkv7_chunked}
+def _pallas(*args, **kwargs):
+    """``WkvImpl.PALLAS``: :func:`rwkv_jax.kernels.wkv7.wkv7_pallas`, imported on first use
+    (the kernels are optional)."""
+    try:
+        from rwkv_jax.kernels.wkv7 import wkv7_pallas
+    except ImportError as e:
+        raise NotImplementedError(f"wkv7 'pallas' form unavailable: {e}") from None
+    return wkv7_pallas(*args, **kwargs)
+
+
+_FORMS = {WkvImpl.SCAN: wkv7_scan, WkvImpl.CHUNKED: wkv7_chunked, WkvImpl.PALLAS: _pallas}
 
 
 def wkv7(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: jax.Array,
