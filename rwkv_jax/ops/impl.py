@@ -20,8 +20,9 @@ class WkvImpl(str, enum.Enum):
     SCAN: ``lax.scan`` over the per-token step (the oracle; fastest on CPU).
     ASSOCIATIVE: ``lax.associative_scan`` (parallel over time; fast on GPU/TPU for RWKV-4).
     CHUNKED: intra-chunk matmuls plus a scan over chunks (matrix-state versions).
-    PALLAS: fused Pallas kernel where one exists (RWKV-4: Triton backend on GPU, interpret
-      mode on CPU); never chosen by AUTO until it has been measured on a GPU.
+    PALLAS: the fused Pallas kernels of :mod:`rwkv_jax.kernels` (WKV-4, WKV-5/6 and WKV-7;
+      Triton on GPU, Mosaic on TPU, interpret mode on CPU); never chosen by AUTO until
+      measured on a device.
     """
 
     AUTO = "auto"
