@@ -183,15 +183,20 @@ def wkv6_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.
     y = jnp.einsum("bhcatj,bhcjn->bhcatn", A_inter, v_c, precision=_PRECISION)
 
     # ---- diagonal sub-chunks: D(j, t) for j < t inside the sub-chunk, element-wise
-    # = suffix sum (exclusive) over j of the decays with positions before t kept
+    # = suffix sum (exclusive) over j of the decays with positions before t kept. Computed
+    # with the leading axes merged into one: the same expression over 7-D arrays crashes
+    # XLA:CPU (jaxlib 0.10.2, AVX2 host) when r and w are differentiated together.
+    M = B * H * n_chunks * n_sub
+    r_f, k_f, w_f = (x.reshape(M, s, N) for x in (r_s, k_s, w_s))
     pos = jnp.arange(s)
-    causal = (pos[None, :] < pos[:, None])[None, None, None, None, :, :, None]  # [t, j]
-    w_before = jnp.where(causal, w_s[:, :, :, :, None], 0.0)       # [B, H, nC, a, t, m, N]
-    d_exp = _exclusive_cumsum(w_before, axis=5, reverse=True)
+    causal = (pos[None, :] < pos[:, None])[None, :, :, None]      # [1, t, j, 1]
+    w_before = jnp.where(causal, w_f[:, None], 0.0)                # [M, t, m, N]
+    d_exp = _exclusive_cumsum(w_before, axis=2, reverse=True)
     # product and sum written out so XLA fuses exp into the reduction (a 3-operand einsum
     # materialises the [.., s, s, N] products)
-    A_diag = jnp.sum(r_s[:, :, :, :, :, None] * k_s[:, :, :, :, None]
+    A_diag = jnp.sum(r_f[:, :, None] * k_f[:, None]
                      * jnp.exp(jnp.where(causal, d_exp, -jnp.inf)), axis=-1)
+    A_diag = A_diag.reshape(B, H, n_chunks, n_sub, s, s)
     y = y + jnp.einsum("bhcatj,bhcajn->bhcatn", A_diag, v_s, precision=_PRECISION)
     # the current token's bonus: (Σ_i r_i u_i k_i)·v_t
     bonus = jnp.sum(r_s * u[None, :, None, None, None, :] * k_s, axis=-1, keepdims=True)
