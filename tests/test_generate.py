@@ -348,3 +348,40 @@ def test_cli_state_out_then_in(rand_model, tmp_path, capsys):
     assert second == generate(rand_model, BYTES, " Citizen", max_tokens=5, temperature=0,
                               state=state)
     assert first == generate(rand_model, BYTES, "First", max_tokens=5, temperature=0)
+
+
+# ---- several streams in one batch ------------------------------------------------------------
+def test_num_samples_streams_equal_alone(rand_model):
+    """num_samples=3 of two prompts decode as one batch of 6 streams; stream i*3+j is the
+    prompt alone with seed + (i*3+j), and the samples of one prompt differ."""
+    prompts = ["Hi", "Hello"]
+    together = generate(rand_model, BYTES, prompts, num_samples=3, max_tokens=10, seed=5,
+                        temperature=1.0, top_p=0.95)
+    assert len(together) == 6
+    alone = [generate(rand_model, BYTES, p, max_tokens=10, seed=5 + i * 3 + j,
+                      temperature=1.0, top_p=0.95)
+             for i, p in enumerate(prompts) for j in range(3)]
+    assert together == alone
+    assert len(set(together[:3])) > 1
+
+
+def test_per_stream_sampling_is_respected(rand_model):
+    """One batch, one Sampling per stream: each stream equals that setting run alone."""
+    settings = [Sampling(temperature=0), Sampling(temperature=1.2, top_p=0.5),
+                Sampling(temperature=0, banned_tokens=(32, 101)),
+                Sampling(temperature=0.9, top_k=3, presence_penalty=0.5)]
+    together = generate(rand_model, BYTES, ["Once"] * 4, sampling=settings, max_tokens=12,
+                        seed=9)
+    alone = [generate(rand_model, BYTES, "Once", sampling=s, max_tokens=12, seed=9 + i)
+             for i, s in enumerate(settings)]
+    assert together == alone
+    assert together[0] != together[2] or " " not in together[0]
+
+
+def test_cli_num_samples(tmp_path, cycle_model, capsys):
+    _, path = cycle_model
+    assert main(["generate", "--model", str(path), "--prompt", "a", "--num-samples", "3",
+                 "--max-tokens", "4", "--temperature", "0", "--jsonl", "-q"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["index"], r["sample"]) for r in rows] == [(0, 0), (0, 1), (0, 2)]
+    assert len({r["completion"] for r in rows}) == 1  # greedy: all three the same

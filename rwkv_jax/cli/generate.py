@@ -46,16 +46,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "text, 0 for World; none for bytes)")
     s.add_argument("--max-tokens", type=int_at_least(0), default=200)
     s.add_argument("--seed", type=int, default=0,
-                   help="random seed; prompt i of a batch uses seed + i, so it gives the same "
+                   help="random seed; stream i of a batch uses seed + i, so it gives the same "
                         "text as alone with that seed")
+    s.add_argument("--num-samples", type=int_at_least(1), default=1, metavar="N",
+                   help="N completions of each prompt, all decoded together in one batch "
+                        "(default 1)")
     p.add_argument("--state-in", metavar="FILE", type=existing_file,
                    help="continue from a saved state (.npz/.safetensors; batch 1 or one row "
                         "per prompt)")
     p.add_argument("--state-out", metavar="FILE",
                    help="save the state after the prompt and the generated tokens")
     p.add_argument("--jsonl", action="store_true",
-                   help="several prompts: print one JSON object per prompt, "
-                        '{"index", "prompt", "completion"}, instead of the text blocks')
+                   help="several streams: print one JSON object per stream, "
+                        '{"index", "sample", "prompt", "completion"}, instead of the text '
+                        "blocks")
     add_quiet_arg(p)
 
 
@@ -80,7 +84,8 @@ def run(args: argparse.Namespace) -> int:
     tok = fit_tokenizer(tok, model.config.vocab_size)
     log(args, f"tokenizer {tok.name} (vocab {tok.vocab_size})")
     state = load_state(args.state_in, model) if args.state_in else None
-    prompts = list(args.prompt)
+    n = args.num_samples
+    prompts = [p for p in args.prompt for _ in range(n)]  # stream i*n + j: sample j of prompt i
     single = len(prompts) == 1
     out = sys.stdout
     texts = ["" for _ in prompts]
@@ -89,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     for chunk, final in stream_with_state(model, tok, prompts, max_tokens=args.max_tokens,
                                           seed=args.seed, stop=stop,
                                           stop_tokens=args.stop_token, state=state,
-                                          sampling=sampling):
+                                          sampling=sampling):  # one batched decode step
         if n_steps == 0:
             t_first = time.perf_counter()
         n_steps += 1
@@ -102,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if not single:
         for i, (p, t) in enumerate(zip(prompts, texts)):
             if args.jsonl:
-                out.write(json.dumps({"index": i, "prompt": p, "completion": t},
-                                     ensure_ascii=False) + "\n")
+                out.write(json.dumps({"index": i // n, "sample": i % n, "prompt": p,
+                                      "completion": t}, ensure_ascii=False) + "\n")
             else:
                 out.write(f"=== completion {i + 1}/{len(prompts)} ===\n{t}\n")
         out.flush()
