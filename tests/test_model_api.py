@@ -45,12 +45,13 @@ def test_prefill_chunks_cover_every_length():
 
 
 def test_new_lengths_compile_nothing_after_warmup(model):
-    """Once every chunk length has run, prompts of new lengths reuse those programs."""
+    """Once every chunk program has run, prompts of new lengths reuse those programs.
+
+    With ``logits_to_keep=1`` a chunk runs as one of three programs: no head (an earlier
+    chunk), the head on its last position, or the head on all of it (a final chunk of 1)."""
     for size in PREFILL_SIZES[1:]:  # 256, 64, 16, 4, 1 (1024 is only needed beyond 1024)
-        model(_tokens(size))
-        model(_tokens(size), logits_to_keep=1)
-    model(_tokens(300), logits_to_keep=1)  # the other keep variants: none, partial
-    model(_tokens(300), logits_to_keep=70)
+        model(_tokens(size), logits_to_keep=1)      # the head on the last position
+        model(_tokens(size + 1), logits_to_keep=1)  # no head, then a final chunk of 1
     with CompileCounter() as c:
         for n in (10, 100, 333, 999):
             logits, _ = model(_tokens(n, seed=n), logits_to_keep=1)
@@ -143,8 +144,14 @@ def test_parameter_updates_and_structure_changes_are_seen():
 def test_call_inside_vmap_and_grad_wrt_state(model):
     """Traced contexts other than jit: vmap over a batch of sequences, grad w.r.t. a state."""
     x = _tokens(6, batch=3)
-    _, s0 = model(x)
     graphdef, params = nnx.split(model)
+    # RWKV-7's init zeroes the output projections, so the state would not reach the logits
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [p + 0.05 * jax.random.normal(k, p.shape, p.dtype)
+                                          for p, k in zip(leaves, keys)])
+    model = nnx.merge(graphdef, params)
+    _, s0 = model(x)
 
     def last_logit_sum(state):
         logits, _ = nnx.merge(graphdef, params)(x, state)
