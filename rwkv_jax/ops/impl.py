@@ -1,9 +1,10 @@
-"""The one switch that picks a WKV implementation.
+"""What the WKV modules share: the switch that picks a form, and the ``resets`` argument.
 
 Every recurrence module (`wkv4`, `wkv6`, `wkv7`) exposes several forms behind one
 signature; :class:`WkvImpl` names them and :func:`resolve_impl` turns ``AUTO`` into a
 concrete form for the current backend. Models pass the enum through and never branch on
-it themselves.
+it themselves. :func:`check_resets` validates the optional document-start mask that every
+form takes (its contract is stated in each module's docstring).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import enum
 
 import jax
+import jax.numpy as jnp
 
 
 class WkvImpl(str, enum.Enum):
@@ -70,3 +72,16 @@ def resolve_impl(impl: "WkvImpl | str", op: str, supported: tuple[WkvImpl, ...],
         valid = ", ".join(m.value for m in supported)
         raise ValueError(f"{op} has no {impl.value!r} form; valid: auto, {valid}")
     return impl
+
+
+def check_resets(resets, batch: int, time: int) -> jax.Array | None:
+    """``resets`` (None, or an array of shape [B, T]) as a bool [B, T] array; None stays None.
+
+    A wrong shape raises a ValueError naming it and the expected one.
+    """
+    if resets is None:
+        return None
+    if tuple(jnp.shape(resets)) != (batch, time):
+        raise ValueError(f"resets must be [B, T] = {(batch, time)}; "
+                         f"got {tuple(jnp.shape(resets))}")
+    return jnp.asarray(resets).astype(jnp.bool_)
