@@ -485,9 +485,6 @@ def test_pallas_lowers_to_triton():
 
 # ----------------------------------------------------------------------------- 8. resets
 
-RESET_FORMS = ["scan", "associative", "wkv4[auto]"]  # Pallas resets: in kernels/, not here
-
-
 def _closed_form_resets(w, u, k, v, aa0, bb0, pp0, resets):
     """:func:`_closed_form` for packed documents, written directly: token i enters row t
     (t = T: the final state) only from t's own document (no reset in (i, t]), the initial
@@ -592,10 +589,21 @@ def test_resets_match_fp64_reference(form, T):
     _check_resets(form, T)
 
 
-def test_resets_moderate_inputs_and_dispatch():
+def test_resets_moderate_inputs():
     _check_resets("scan", 64, "moderate")
     _check_resets("associative", 64, "moderate")
-    _check_resets("wkv4[auto]", 129, grads=False)
+
+
+@pytest.mark.parametrize("impl", ["scan", "associative", "auto"])
+def test_dispatch_passes_resets(impl):
+    """``wkv4(impl=..., resets=...)`` traces to exactly the form's program with resets."""
+    w, u, k, v, st, _ = _case(7)
+    args = (*_f32(w, u, k, v), Wkv4State(*_f32(*st)))
+    resets = reset_patterns(B, 7)["short"]
+    form = FORMS[resolve_impl(impl, "wkv4", SUPPORTED).value]
+    got = jax.make_jaxpr(functools.partial(wkv4, impl=impl, resets=resets))(*args)
+    want = jax.make_jaxpr(functools.partial(form, resets=resets))(*args)
+    assert str(got) == str(want) != str(jax.make_jaxpr(form)(*args))
 
 
 def _loop_ref64(w, u, k, v, aa, bb, pp, resets):
@@ -678,16 +686,15 @@ def test_resets_bad_shape():
 
 # ----------------------------------------------------------------------------- 9. compile once
 
-EAGER = ["step", "scan", "associative", "wkv4[scan]", "wkv4[associative]", "wkv4[auto]",
-         "wkv4[pallas]"]
+EAGER = ["step", "scan", "associative", "wkv4[pallas]"]
 
 
 @pytest.mark.parametrize("name", EAGER)
 def test_eager_call_compiles_once(name):
     """The first eager call compiles, a second one with the same shapes and dtypes compiles
-    nothing (with and without resets). B = 3 and T = 5, 6, ... (one per case): shapes no
-    other test uses, so that the first call must compile (the dispatchers share the forms'
-    caches)."""
+    nothing, with and without resets; the dispatcher reaching that form then compiles
+    nothing either (it calls the same cached function). B = 3, T = 5, 6, ... per case:
+    shapes no other test uses, so that the first call must compile."""
     T = 5 + EAGER.index(name)
     rng = np.random.default_rng(5)
     w, u = _f32(-np.geomspace(1e-3, 3.0, C), rng.uniform(-1.0, 1.0, C))
@@ -695,17 +702,30 @@ def test_eager_call_compiles_once(name):
     state = Wkv4State(*_f32(rng.standard_normal((3, C)), rng.uniform(0.5, 2.0, (3, C)),
                             rng.standard_normal((3, C))))
     resets = jnp.asarray(rng.random((3, T)) < 0.5)
+    dispatch = []
     if name == "step":
         k0, v0, r0 = k[:, 0], v[:, 0], resets[:, 0]
         calls = [lambda: wkv4_step(w, u, k0, v0, state),
                  lambda: wkv4_step(w, u, k0, v0, state, r0)]
+    elif name == "wkv4[pallas]":  # the Pallas form itself lives apart (kernels/)
+        calls = [lambda: wkv4(w, u, k, v, state, impl="pallas")]
     else:
-        calls = [lambda: FORMS[name](w, u, k, v, state)]
-        if name != "wkv4[pallas]":
-            calls.append(lambda: FORMS[name](w, u, k, v, state, resets=resets))
+        calls = [lambda: FORMS[name](w, u, k, v, state),
+                 lambda: FORMS[name](w, u, k, v, state, resets=resets)]
+        impls = [name] + (["auto"] if resolve_impl("auto", "wkv4", SUPPORTED).value == name
+                          else [])
+        dispatch = [lambda impl=impl: wkv4(w, u, k, v, state, impl=impl) for impl in impls]
+        dispatch += [lambda impl=impl: wkv4(w, u, k, v, state, impl=impl, resets=resets)
+                     for impl in impls]
+        # the same call spelled otherwise (keywords) is the same cache entry
+        dispatch.append(lambda: FORMS[name](w, u, k=k, v=v, state=state, resets=resets))
     for call in calls:
         with CompileCounter() as first:
             jax.block_until_ready(call())
         with CompileCounter() as second:
             jax.block_until_ready(call())
         assert first.compiles >= 1 and second.compiles == 0, (first.compiles, second.compiles)
+    for call in dispatch:
+        with CompileCounter() as c:
+            jax.block_until_ready(call())
+        assert c.compiles == 0, c.compiles

@@ -26,8 +26,9 @@ gradient is then exactly zero). Outputs at and after t, and the final state, equ
 that document alone from the empty state. ``resets=None`` traces exactly the computation
 without resets (no extra cost).
 
-Every public form is a ``jax.jit`` function, so an eager call compiles once per
-shape/dtype (and ``resets`` given or not); calling it inside an outer jit or grad inlines it.
+Every public form is jitted by :func:`~rwkv_jax.ops.impl.jit_form`: an eager call
+compiles once per shape/dtype/configuration (and ``resets`` given or not), however the
+call is spelled; inside an outer jit or grad it is inlined.
 
 Forms:
   * :func:`wkv4_step`         one token, the official stable (aa, bb, pp) update;
@@ -51,7 +52,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from rwkv_jax.ops.impl import WkvImpl, check_resets, resolve_impl
+from rwkv_jax.ops.impl import WkvImpl, check_resets, jit_form, resolve_impl
 
 # Empty-state running max, as in the official CUDA kernel (MIN_VALUE). Finite so that
 # differences such as ``pp - q`` never become ``-inf - -inf = nan``.
@@ -111,7 +112,7 @@ def _output(u, k_t, v_t, aa, bb, pp):
     return (e1 * aa + e2 * v_t) / (e1 * bb + e2)
 
 
-@jax.jit
+@jit_form
 def wkv4_step(w: jax.Array, u: jax.Array, k_t: jax.Array, v_t: jax.Array,
               state: Wkv4State, reset_t: jax.Array | None = None
               ) -> tuple[jax.Array, Wkv4State]:
@@ -133,7 +134,7 @@ def wkv4_step(w: jax.Array, u: jax.Array, k_t: jax.Array, v_t: jax.Array,
     return y, Wkv4State(e1 * aa + e2 * v_t, e1 * bb + e2, q)
 
 
-@jax.jit
+@jit_form
 def wkv4_scan(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
               state: Wkv4State | None = None, *,
               resets: jax.Array | None = None) -> tuple[jax.Array, Wkv4State]:
@@ -271,7 +272,7 @@ def _combine(w):
     return op
 
 
-@jax.jit
+@jit_form
 def wkv4_associative(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
                      state: Wkv4State | None = None, *,
                      resets: jax.Array | None = None) -> tuple[jax.Array, Wkv4State]:
@@ -488,7 +489,7 @@ def wkv4_pallas(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
 
 _FORMS = {WkvImpl.SCAN: wkv4_scan, WkvImpl.ASSOCIATIVE: wkv4_associative,
           # jitted here so that an eager dispatch compiles once, like the other forms
-          WkvImpl.PALLAS: jax.jit(wkv4_pallas, static_argnames=("interpret", "block_c"))}
+          WkvImpl.PALLAS: jit_form(wkv4_pallas, static_argnames=("interpret", "block_c"))}
 
 
 def wkv4(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
