@@ -14,9 +14,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def wkv6_reference(r, w, k, v, u, state=None):
+def wkv6_reference(r, w, k, v, u, state=None, resets=None):
     """r, k, v: [B, T, H, N]; w: log decay broadcastable to [B, T, H, N]; u: [H, N];
-    state: [B, H, N, N] or None. Returns ``(y [B, T, H, N], S [B, H, N, N])`` in float64."""
+    state: [B, H, N, N] or None; resets: optional bool [B, T], ``resets[b, t]`` zeroes row
+    b's state before token t (a new document starts there).
+    Returns ``(y [B, T, H, N], S [B, H, N, N])`` in float64."""
     r, k, v = (np.asarray(x, np.float64) for x in (r, k, v))
     B, T, H, N = k.shape
     w = np.broadcast_to(np.asarray(w, np.float64), (B, T, H, N))
@@ -24,6 +26,8 @@ def wkv6_reference(r, w, k, v, u, state=None):
     S = np.zeros((B, H, N, N)) if state is None else np.array(state, np.float64)
     y = np.zeros((B, T, H, N))
     for t in range(T):
+        if resets is not None:
+            S = np.where(np.asarray(resets, bool)[:, t, None, None, None], 0.0, S)
         kv = k[:, t, :, :, None] * v[:, t, :, None, :]                  # [B, H, i, j]
         y[:, t] = np.einsum("bhi,bhij->bhj", r[:, t], u[None, :, :, None] * kv + S)
         S = np.exp(w[:, t])[..., None] * S + kv

@@ -11,13 +11,15 @@ from __future__ import annotations
 import numpy as np
 
 
-def wkv7_ref(r, w, k, v, a, b, state=None):
+def wkv7_ref(r, w, k, v, a, b, state=None, resets=None):
     """RWKV-7 WKV (reference §5.1), per token, in fp64.
 
     Args:
       r, w, k, v, a, b: [B, T, H, N]; ``w`` is the *log* decay (the kernel multiplies by
         ``exp(w)``). The model passes ``a = -kk``, ``b = kk ⊙ a_iclr``.
       state: [B, H, N, N] initial state in the official [value, key] layout; ``None`` = zeros.
+      resets: optional bool [B, T]; ``resets[b, t]`` zeroes row b's state before token t
+        (a new document starts there).
 
     Returns:
       ``(y [B, T, H, N], final_state [B, H, N, N])``, both float64.
@@ -27,6 +29,8 @@ def wkv7_ref(r, w, k, v, a, b, state=None):
     S = np.zeros((B, H, N, N)) if state is None else np.array(state, np.float64)
     y = np.empty((B, T, H, N))
     for t in range(T):
+        if resets is not None:
+            S = np.where(np.asarray(resets, bool)[:, t, None, None, None], 0.0, S)
         # sa[i] = Σ_j S[i,j]·a[j], with the OLD state
         sa = np.einsum("bhij,bhj->bhi", S, a[:, t])
         # S[i,j] = S[i,j]·exp(w[j]) + sa[i]·b[j] + v[i]·k[j]

@@ -28,7 +28,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from reference_np import wkv4_ref
+from compile_count import CompileCounter
+from reference_np import reset_patterns, run_documents, wkv4_ref
 from rwkv_jax.ops.impl import WkvImpl, resolve_impl
 from rwkv_jax.ops.wkv4 import (SUPPORTED, Wkv4State, wkv4, wkv4_associative, wkv4_scan,
                                wkv4_step)
@@ -290,11 +291,14 @@ def _lib_grads(form, T, kind, with_state=True):
     return tuple(np.asarray(x, np.float64) for x in LIB_GRAD[form](*args))
 
 
-def _grad_err(g, g_ref):
-    """Per-channel relative error, floored at 1% of the array's largest reference entry."""
+def _grad_err(g, g_ref, size=None):
+    """Per-channel relative error, floored at 1% of the array's largest reference entry.
+
+    ``size`` (default ``|g_ref|``): the magnitude the error is judged against, per entry."""
     assert g.shape == g_ref.shape
     n = g_ref.shape[-1]
-    scale = np.abs(g_ref).reshape(-1, n).max(axis=0)
+    size = np.abs(g_ref) if size is None else size
+    scale = size.reshape(-1, n).max(axis=0)
     scale = np.maximum(scale, max(1e-2 * scale.max(), 1e-300))
     return float(np.max(np.abs(g - g_ref).reshape(-1, n).max(axis=0) / scale))
 
@@ -412,3 +416,251 @@ def test_step_jit_matches_eager():
     y_eager, s_eager = wkv4_step(*args)
     assert float(np.max(np.abs(np.asarray(y_jit) - np.asarray(y_eager)) / S)) <= TOL_SAME
     _assert_state_close(s_eager, s_jit, S, TOL_SAME)
+
+
+# ----------------------------------------------------------------------------- 7. resets
+
+def _closed_form_resets(w, u, k, v, aa0, bb0, pp0, resets):
+    """:func:`_closed_form` for packed documents, written directly: token i enters row t
+    (t = T: the final state) only from t's own document (no reset in (i, t]), the initial
+    state only before the first reset. ``seg`` numbers the documents of a row."""
+    T = k.shape[1]
+    seg = jnp.cumsum(resets.astype(jnp.int32), axis=1)                 # [B, T]
+    seg_row = jnp.concatenate([seg, seg[:, -1:]], axis=1)              # rows 0..T
+    same = (seg_row[:, :, None] == seg[:, None, :])[..., None]         # [B, T+1, T, 1]
+    t = jnp.arange(T + 1, dtype=jnp.float64)[:, None]
+    i = jnp.arange(T, dtype=jnp.float64)[None, :]
+    lag = (t - 1 - i)[None, :, :, None]
+    L_past = jnp.where((lag >= 0) & same, k[:, None] + lag * w[None, None, None], -jnp.inf)
+    L_init = jnp.where((seg_row == 0)[..., None], pp0[:, None] + t[None] * w[None, None],
+                       -jnp.inf)
+    L_bonus = u[None, None] + k
+    m = jnp.maximum(jnp.max(L_past, axis=2), L_init)
+    m = jax.lax.stop_gradient(m.at[:, :T].max(L_bonus))
+    E = jnp.exp(L_past - m[:, :, None])
+    e_init = jnp.exp(L_init - m)
+    num = jnp.sum(E * v[:, None], axis=2) + aa0[:, None] * e_init
+    den = jnp.sum(E, axis=2) + bb0[:, None] * e_init
+    e_bonus = jnp.exp(L_bonus - m[:, :T])
+    y = (num[:, :T] + e_bonus * v) / (den[:, :T] + e_bonus)
+    return y, num[:, T] / den[:, T], m[:, T] + jnp.log(den[:, T])
+
+
+def _closed_resets_functional(w, u, k, v, aa, bb, pp, g, g_r, g_l, resets):
+    y, ratio, logb = _closed_form_resets(w, u, k, v, aa, bb, pp, resets)
+    return jnp.sum(y * g) + jnp.sum(ratio * g_r) + jnp.sum(logb * g_l), (y, ratio, logb)
+
+
+_CLOSED_RESETS = jax.jit(jax.grad(_closed_resets_functional, argnums=tuple(range(7)),
+                                  has_aux=True), compiler_options=FAST_COMPILE)
+
+
+@functools.cache
+def _lib_resets(form):
+    """jit(grad) of <g, y> + <g_r, a/b> + <g_l, log b> through a form with resets, returning
+    the gradients w.r.t. (w, u, k, v, aa, bb, pp) and (y, final state): one compile per T."""
+    f = FORMS[form]
+
+    def F(w, u, k, v, aa, bb, pp, g, g_r, g_l, resets):
+        y, s = f(w, u, k, v, Wkv4State(aa, bb, pp), resets=resets)
+        y64, aa, bb, pp = (x.astype(jnp.float64) for x in (y, *s))
+        return (jnp.sum(y64 * g) + jnp.sum(aa / bb * g_r)
+                + jnp.sum((pp + jnp.log(bb)) * g_l)), (y, s)
+
+    return jax.jit(jax.grad(F, argnums=tuple(range(7)), has_aux=True),
+                   compiler_options=FAST_COMPILE)
+
+
+def _by_documents(w, u, k, v, st, resets):
+    """The fp64 reference run one document at a time (no resets involved)."""
+    def run(b, s, e, carried):
+        init = tuple(x[b:b + 1] for x in st) if carried else (None,) * 3
+        y, *state = wkv4_ref(w, u, k[b:b + 1, s:e], v[b:b + 1, s:e], *init)
+        return y, state
+    return run_documents(resets, run)
+
+
+def _check_resets(form, T, kind="extreme", grads=True):
+    w, u, k, v, st, S = _case(T, kind)
+    cot = _cotangents(T, kind)
+    for name, resets in reset_patterns(B, T).items():
+        got, (y, state) = _lib_resets(form)(*_f32(w, u, k, v, *st), *cot, resets)
+        _assert_finite(got, y, state)
+        y_ref, *ref = wkv4_ref(w, u, k, v, *st, resets=resets)
+        assert _y_err(y, y_ref, S) <= TOL_FP32, (name, _y_err(y, y_ref, S))
+        if name == "none":  # an all-False mask is resets=None (compiled by the value matrix)
+            y_none, s_none = JIT[form](*_f32(w, u, k, v), Wkv4State(*_f32(*st)))
+            assert _y_err(y, np.asarray(y_none, np.float64), S) <= TOL_SAME
+            _assert_state_close(state, s_none, S, TOL_SAME)
+        _assert_state_close(state, ref, S, TOL_FP32)
+        # independent of any reset code: each document on its own, from the empty state
+        for b, (y_doc, s_doc) in enumerate(_by_documents(w, u, k, v, st, resets)):
+            assert _y_err(y[b:b + 1], y_doc, S[b:b + 1]) <= TOL_FP32, (name, b)
+            _assert_state_close([x[b:b + 1] for x in state], s_doc, S[b:b + 1], TOL_FP32)
+        if not grads:
+            continue
+        args64 = (jnp.asarray(x, jnp.float64) for x in (w, u, k, v, *st, *cot))
+        ref_g, (y_cf, _, _) = _CLOSED_RESETS(*args64, resets)
+        assert _y_err(y_cf, y_ref, S) <= TOL_CLOSED, name  # the two fp64 references agree
+        got = tuple(np.asarray(x, np.float64) for x in got)
+        ref_g = tuple(np.asarray(x) for x in ref_g)
+        # ∂/∂pp0 = α̃·aa0 + β̃·bb0 + (max chain): its fp32 error is that of its terms, which
+        # cancel; with resets the sum itself can be far below the rest of the array
+        sizes = [None] * 6 + [np.abs(ref_g[6]) + np.abs(ref_g[4] * st[0])
+                              + np.abs(ref_g[5] * st[1])]
+        errs = {n: _grad_err(a, b, z) for n, a, b, z in zip(GRAD_NAMES, got, ref_g, sizes)}
+        assert max(errs.values()) <= TOL_GRAD, (name, {n: f"{e:.1e}" for n, e in errs.items()})
+        # a reset at t = 0 discards the initial state: its gradient is exactly zero
+        for g in got[4:]:
+            assert not np.any(g[resets[:, 0]]), name
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 129])
+@pytest.mark.parametrize("form", ["scan", "associative"])
+def test_resets_match_fp64_reference(form, T):
+    """Packed documents, every reset pattern, extreme decays and a non-zero initial state:
+    values, final state and gradients (inputs and initial state) against the fp64
+    references with resets, and against each document run alone."""
+    _check_resets(form, T)
+
+
+def test_resets_moderate_inputs():
+    _check_resets("scan", 64, "moderate")
+    _check_resets("associative", 64, "moderate")
+
+
+@pytest.mark.parametrize("impl", ["scan", "associative", "auto"])
+def test_dispatch_passes_resets(impl):
+    """``wkv4(impl=..., resets=...)`` traces to exactly the form's program with resets."""
+    w, u, k, v, st, _ = _case(7)
+    args = (*_f32(w, u, k, v), Wkv4State(*_f32(*st)))
+    resets = reset_patterns(B, 7)["short"]
+    form = FORMS[resolve_impl(impl, "wkv4", SUPPORTED).value]
+    got = jax.make_jaxpr(functools.partial(wkv4, impl=impl, resets=resets))(*args)
+    want = jax.make_jaxpr(functools.partial(form, resets=resets))(*args)
+    assert str(got) == str(want) != str(jax.make_jaxpr(form)(*args))
+
+
+def _loop_ref64(w, u, k, v, aa, bb, pp, resets):
+    """The official per-token step in fp64 jax.numpy (differentiable), with resets."""
+    w, u = w[None], u[None]
+
+    def body(s, x):
+        k_t, v_t, r_t = x
+        aa, bb, pp = (jnp.where(r_t[:, None], e, s_) for e, s_ in zip((0.0, 0.0, -1e38), s))
+        q = jnp.maximum(pp, u + k_t)
+        e1, e2 = jnp.exp(pp - q), jnp.exp(u + k_t - q)
+        y = (e1 * aa + e2 * v_t) / (e1 * bb + e2)
+        q = jnp.maximum(pp + w, k_t)
+        e1, e2 = jnp.exp(pp + w - q), jnp.exp(k_t - q)
+        return (e1 * aa + e2 * v_t, e1 * bb + e2, q), y
+
+    xs = (jnp.swapaxes(k, 0, 1), jnp.swapaxes(v, 0, 1), jnp.swapaxes(resets, 0, 1))
+    (aa, bb, pp), y = jax.lax.scan(body, (aa, bb, pp), xs)
+    return jnp.swapaxes(y, 0, 1), aa, bb, pp
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["scan", "associative"])
+def test_resets_long_sequence(form):
+    """T = 1000, many documents: values and gradients against an fp64 per-token loop."""
+    T = 1000
+    w, u, k, v, st, S = _case(T)
+    cot = _cotangents(T, "extreme")
+    resets = reset_patterns(B, T, chunks=(64,))["short"] | reset_patterns(B, T, (64,))["boundary64"]
+
+    def F(*x):
+        y, aa, bb, pp = _loop_ref64(*x[:7], resets)
+        return jnp.sum(y * x[7]) + jnp.sum(aa / bb * x[8]) + jnp.sum((pp + jnp.log(bb)) * x[9])
+
+    ref_g = jax.jit(jax.grad(F, argnums=tuple(range(7))))(
+        *(jnp.asarray(x, jnp.float64) for x in (w, u, k, v, *st, *cot)))
+    got, (y, state) = _lib_resets(form)(*_f32(w, u, k, v, *st), *cot, resets)
+    y_ref, *ref = wkv4_ref(w, u, k, v, *st, resets=resets)
+    assert _y_err(y, y_ref, S) <= TOL_FP32
+    _assert_state_close(state, ref, S, TOL_FP32)
+    for n, a, b in zip(GRAD_NAMES, got, ref_g):
+        assert _grad_err(np.asarray(a, np.float64), np.asarray(b)) <= TOL_GRAD, n
+
+
+@pytest.mark.parametrize("form", ["scan", "associative"])
+def test_resets_bf16_inputs(form):
+    w, u, k, v, st, S = _case(129)
+    resets = reset_patterns(B, 129)["short"]
+    k16, v16 = jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16)
+    state = Wkv4State(*_f32(*st))
+    y, s = JIT[form](*_f32(w, u), k16, v16, state, resets=resets)
+    assert y.dtype == jnp.bfloat16 and all(x.dtype == jnp.float32 for x in s)
+    _assert_finite(y, s)
+    y_ref, *ref = wkv4_ref(w, u, np.asarray(k16, np.float64), np.asarray(v16, np.float64),
+                           *st, resets=resets)
+    assert _y_err(y, y_ref, S) <= TOL_BF16_CAST
+    _assert_state_close(s, ref, S, TOL_FP32)
+
+
+def test_step_with_resets_equals_scan():
+    """Decoding token by token with ``reset_t`` is the scan with ``resets``."""
+    T = 20
+    w, u, k, v, st, S = _case(T)
+    resets = reset_patterns(B, T)["short"]
+    w, u, k, v = _f32(w, u, k, v)
+    y_all, s_all = wkv4_scan(w, u, k, v, Wkv4State(*_f32(*st)), resets=resets)
+    state, ys = Wkv4State(*_f32(*st)), []
+    for t in range(T):
+        y_t, state = wkv4_step(w, u, k[:, t], v[:, t], state, resets[:, t])
+        ys.append(y_t)
+    assert _y_err(jnp.stack(ys, 1), np.asarray(y_all, np.float64), S) <= TOL_SAME
+    _assert_state_close(state, s_all, S, TOL_SAME)
+
+
+def test_resets_bad_shape():
+    w, u, k, v, _, _ = _case(7)
+    with pytest.raises(ValueError, match=r"resets must be \[B, T\]"):
+        wkv4_scan(*_f32(w, u, k, v), resets=np.zeros((B, 6), bool))
+
+
+# ----------------------------------------------------------------------------- 9. compile once
+
+EAGER = ["step", "scan", "associative", "wkv4[pallas]"]
+
+
+@pytest.mark.parametrize("name", EAGER)
+def test_eager_call_compiles_once(name):
+    """The first eager call compiles, a second one with the same shapes and dtypes compiles
+    nothing, with and without resets; the dispatcher reaching that form then compiles
+    nothing either (it calls the same cached function). B = 3, T = 5, 6, ... per case:
+    shapes no other test uses, so that the first call must compile."""
+    T = 5 + EAGER.index(name)
+    rng = np.random.default_rng(5)
+    w, u = _f32(-np.geomspace(1e-3, 3.0, C), rng.uniform(-1.0, 1.0, C))
+    k, v = _f32(*rng.uniform(-3.0, 3.0, (2, 3, T, C)))
+    state = Wkv4State(*_f32(rng.standard_normal((3, C)), rng.uniform(0.5, 2.0, (3, C)),
+                            rng.standard_normal((3, C))))
+    resets = jnp.asarray(rng.random((3, T)) < 0.5)
+    dispatch = []
+    if name == "step":
+        k0, v0, r0 = k[:, 0], v[:, 0], resets[:, 0]
+        calls = [lambda: wkv4_step(w, u, k0, v0, state),
+                 lambda: wkv4_step(w, u, k0, v0, state, r0)]
+    elif name == "wkv4[pallas]":  # the Pallas form itself lives apart (kernels/)
+        calls = [lambda: wkv4(w, u, k, v, state, impl="pallas")]
+    else:
+        calls = [lambda: FORMS[name](w, u, k, v, state),
+                 lambda: FORMS[name](w, u, k, v, state, resets=resets)]
+        impls = [name] + (["auto"] if resolve_impl("auto", "wkv4", SUPPORTED).value == name
+                          else [])
+        dispatch = [lambda impl=impl: wkv4(w, u, k, v, state, impl=impl) for impl in impls]
+        dispatch += [lambda impl=impl: wkv4(w, u, k, v, state, impl=impl, resets=resets)
+                     for impl in impls]
+        # the same call spelled otherwise (keywords) is the same cache entry
+        dispatch.append(lambda: FORMS[name](w, u, k=k, v=v, state=state, resets=resets))
+    for call in calls:
+        with CompileCounter() as first:
+            jax.block_until_ready(call())
+        with CompileCounter() as second:
+            jax.block_until_ready(call())
+        assert first.compiles >= 1 and second.compiles == 0, (first.compiles, second.compiles)
+    for call in dispatch:
+        with CompileCounter() as c:
+            jax.block_until_ready(call())
+        assert c.compiles == 0, c.compiles

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compile_count import CompileCounter
+from reference_np import reset_patterns, run_documents
 from reference_np_wkv6 import wkv6_reference
 
 from rwkv_jax.ops.impl import WkvImpl, resolve_impl
@@ -163,26 +165,36 @@ def test_zero_state_default():
 
 
 # ---------------------------------------------------------------- gradients vs fp64
-def closed_form_f64(r, w, k, v, u, S0):
+def closed_form_f64(r, w, k, v, u, S0, resets=None):
     """Independent fp64 transcription (not a recurrence): with c the inclusive cumsum of w,
 
         y_t = Σ_i r_t,i e^{c_{t-1,i}} S0_i + Σ_{j<t} (Σ_i r_t,i k_j,i e^{c_{t-1,i} - c_j,i}) v_j
               + (Σ_i r_t,i u_i k_t,i) v_t
         S_T = e^{c_T} ⊙ S0 + Σ_j (k_j ⊙ e^{c_T - c_j}) v_jᵀ
 
+    With ``resets`` (packed documents): only pairs (j, t) of one document (no reset in
+    (j, t]) count, S0 only before the first reset, and S_T only holds the last document.
     Differences of fp64 cumsums are exact enough here (~1e-12 relative at T = 129)."""
-    T = r.shape[1]
+    B, T = r.shape[:2]
     c = jnp.cumsum(w, axis=1)
     c_ex = jnp.concatenate([jnp.zeros_like(c[:, :1]), c[:, :-1]], axis=1)
     expo = c_ex[:, :, None] - c[:, None, :]                            # [B, t, j, H, N]
     causal = (jnp.arange(T)[None, :] < jnp.arange(T)[:, None])[None, :, :, None, None]
+    first = last = jnp.ones((B, T, 1, 1), jnp.bool_)
+    carried = jnp.ones((B, 1, 1, 1), jnp.bool_)
+    if resets is not None:
+        seg = jnp.cumsum(resets.astype(jnp.int32), axis=1)            # document of each token
+        causal = causal & (seg[:, :, None] == seg[:, None, :])[..., None, None]
+        first, last = (seg == 0)[..., None, None], (seg == seg[:, -1:])[..., None, None]
+        carried = (seg[:, -1] == 0)[:, None, None, None]
     # mask before exp (a masked exponent can be +large); exp(-inf) has a zero gradient
     A = jnp.einsum("bthn,bjhn,btjhn->bhtj", r, k, jnp.exp(jnp.where(causal, expo, -jnp.inf)))
     bonus = jnp.sum(r * u[None, None] * k, axis=-1, keepdims=True)
     y = (jnp.einsum("bhtj,bjhn->bthn", A, v) + bonus * v
-         + jnp.einsum("bthi,bhin->bthn", r * jnp.exp(c_ex), S0))
-    k_end = k * jnp.exp(c[:, -1:] - c)
-    S = jnp.exp(c[:, -1])[..., None] * S0 + jnp.einsum("bjhi,bjhn->bhin", k_end, v)
+         + jnp.einsum("bthi,bhin->bthn", jnp.where(first, r * jnp.exp(c_ex), 0.0), S0))
+    k_end = jnp.where(last, k * jnp.exp(c[:, -1:] - c), 0.0)
+    S = (jnp.where(carried, jnp.exp(c[:, -1])[..., None] * S0, 0.0)
+         + jnp.einsum("bjhi,bjhn->bhin", k_end, v))
     return y, S
 
 
@@ -263,9 +275,15 @@ def test_dispatch_picks_forms():
              "chunked": functools.partial(wkv6_chunked, chunk_size=16)}
     cases[WkvImpl.AUTO] = cases[resolve_impl("auto", "wkv6", SUPPORTED).value]
     cases[WkvImpl.SCAN] = wkv6_scan
+    resets = reset_patterns(B, 7)["short"]
     for impl, form in cases.items():
         got = jax.make_jaxpr(functools.partial(wkv6, impl=impl, chunk_size=16))(*args)
         assert str(got) == str(jax.make_jaxpr(form)(*args)), impl
+        # resets pass through: the same program as the form's with them
+        got = jax.make_jaxpr(functools.partial(wkv6, impl=impl, chunk_size=16,
+                                               resets=resets))(*args)
+        want = jax.make_jaxpr(functools.partial(form, resets=resets))(*args)
+        assert str(got) == str(want) != str(jax.make_jaxpr(form)(*args)), impl
 
 
 def test_dispatch_errors():
@@ -276,3 +294,221 @@ def test_dispatch_errors():
         wkv6_chunked(*args, chunk_size=24)
     with pytest.raises(ValueError, match="u must be"):
         wkv6_scan(*args[:4], args[4][:, :3], args[5])
+
+
+# ---------------------------------------------------------------- packed documents (resets)
+# patterns at and right after the sub-chunk (16) and chunk (64) boundaries
+CHUNKS = (16, 64)
+# The reset checks compile one gradient per form and shape: at XLA:CPU's optimisation level 0
+# (the same arithmetic, LLVM without its optimisation passes) that takes a fraction of the time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+
+
+@functools.cache
+def _grads_and_values(f, dtype=jnp.float32):
+    """jit(grad) of <y, gy> + <S, gS> w.r.t. (r, w, k, v, u, state) through ``f`` with
+    resets, also returning (y, S): one compile per form and shape for every pattern."""
+
+    def loss(r, w, k, v, u, S0, gy, gS, resets):
+        y, S = f(r, w, k, v, u, S0, resets=resets)
+        return jnp.sum(y.astype(dtype) * gy) + jnp.sum(S.astype(dtype) * gS), (y, S)
+
+    return jax.jit(jax.grad(loss, argnums=tuple(range(6)), has_aux=True),
+                   compiler_options=FAST_COMPILE)
+
+
+def _by_documents(args, resets):
+    """The fp64 reference run one document at a time (no resets involved)."""
+    r, w, k, v, u, S0 = as64(args)
+    w = np.broadcast_to(w, k.shape)
+
+    def run(b, s, e, carried):
+        seq = (x[b:b + 1, s:e] for x in (r, w, k, v))
+        return wkv6_reference(*seq, u, S0[b:b + 1] if carried else None)
+
+    return run_documents(resets, run)
+
+
+def check_resets(f, args, seed, grads=True, patterns=None):
+    """Every reset pattern: y and S against the fp64 loop with resets and against each
+    document run alone; gradients (inputs and initial state; finite only unless ``grads``)
+    against the fp64 closed form; a reset at t = 0 gives the initial state exactly zero
+    gradient."""
+    B_, T = args[0].shape[:2]
+    rng = np.random.default_rng(seed + 1000)
+    gy, gS = rng.standard_normal((B_, T, H, N)), rng.standard_normal((B_, H, N, N))
+    for name, resets in (patterns or reset_patterns(B_, T, CHUNKS)).items():
+        got, (y, S) = _grads_and_values(f)(*args, gy, gS, resets)
+        assert y.dtype == jnp.float32 and S.dtype == jnp.float32
+        y_ref, S_ref = wkv6_reference(*as64(args), resets=resets)
+        assert y_err(y, y_ref) < TOL_FP32, (name, y_err(y, y_ref))
+        assert s_err(S, S_ref) < TOL_FP32, (name, s_err(S, S_ref))
+        for b, (y_doc, S_doc) in enumerate(_by_documents(args, resets)):
+            assert y_err(y[b:b + 1], y_doc) < TOL_FP32, (name, b)
+            assert s_err(S[b:b + 1], S_doc) < TOL_FP32, (name, b)
+        for name_g, g in zip(GRAD_NAMES, got):
+            assert np.all(np.isfinite(g)), (name, name_g)
+        assert not np.any(np.asarray(got[5])[resets[:, 0]]), name  # exactly zero
+        if not grads:
+            continue
+        ref = _CLOSED_GRAD(*(jnp.asarray(x, jnp.float64) for x in (*as64(args), gy, gS)),
+                           resets)
+        for name_g, g, g_ref, ax in zip(GRAD_NAMES, got, ref, GRAD_SLICES):
+            assert rel_err(g, g_ref, ax) < TOL_GRAD, (name, name_g, rel_err(g, g_ref, ax))
+
+
+def _closed_loss(r, w, k, v, u, S0, gy, gS, resets):
+    y, S = closed_form_f64(r, w, k, v, u, S0, resets)
+    return jnp.sum(y * gy) + jnp.sum(S * gS)
+
+
+_CLOSED_GRAD = jax.jit(jax.grad(_closed_loss, argnums=tuple(range(6))),
+                       compiler_options=FAST_COMPILE)
+
+
+def test_closed_form_with_resets_matches_numpy_loop():
+    args = make_inputs(64, seed=8)
+    for name, resets in reset_patterns(B, 64, CHUNKS).items():
+        y_ref, S_ref = wkv6_reference(*as64(args), resets=resets)
+        y, S = closed_form_f64(*(jnp.asarray(x, jnp.float64) for x in as64(args)), resets)
+        assert y_err(y, y_ref) < 1e-12 and s_err(S, S_ref) < 1e-12, name
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 129])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_resets_match_fp64(form, T):
+    check_resets(FORMS[form], make_inputs(T, seed=40 + T), seed=T)
+
+
+@pytest.mark.parametrize("chunk_size,T", [(8, 21), (32, 100)])
+def test_resets_other_chunk_sizes(chunk_size, T):
+    f = functools.partial(wkv6_chunked, chunk_size=chunk_size)
+    check_resets(f, make_inputs(T, seed=chunk_size + 1), seed=chunk_size,
+                 patterns=reset_patterns(B, T, (chunk_size,)))
+
+
+@pytest.mark.parametrize("decay", ["spiky", "extreme"])
+@pytest.mark.parametrize("form", list(FORMS))
+def test_resets_decay_patterns(form, decay):
+    """Spikes of -150, and -1e3 (and -inf, clamped), with resets: no NaN/inf anywhere;
+    gradients against the closed form for the spikes (it has no -inf clamp)."""
+    args = make_inputs(64, seed=12, decay=decay)
+    if decay == "extreme":
+        args[1][:, 3] = -np.inf
+    check_resets(FORMS[form], args, seed=3, grads=decay == "spiky")
+
+
+@pytest.mark.parametrize("form", ["scan", "chunked"])
+def test_resets_rwkv5_decay(form):
+    """RWKV-5's constant [H, N] decay, broadcast inside the forms, with resets: values."""
+    args = make_inputs(129, seed=11, decay="rwkv5")
+    for name, resets in reset_patterns(B, 129, CHUNKS).items():
+        y_ref, S_ref = wkv6_reference(*as64(args), resets=resets)
+        y, S = _JIT[form](*args, resets=resets)
+        assert y_err(y, y_ref) < TOL_FP32 and s_err(S, S_ref) < TOL_FP32, name
+
+
+def test_resets_step_and_decoding():
+    """Decoding token by token with ``reset_t`` (the step, and the dispatcher with T = 1)
+    equals the scan with resets (the dispatcher's pass-through: test_dispatch_picks_forms)."""
+    r, w, k, v, u, S0 = args = make_inputs(20, seed=14)
+    resets = reset_patterns(B, 20, CHUNKS)["short"]
+    y, S = wkv6_scan(*args, resets=resets)
+    S_step, S_one = jnp.asarray(S0), jnp.asarray(S0)
+    for t in range(20):
+        y_t, S_step = wkv6_step(r[:, t], w[:, t], k[:, t], v[:, t], u, S_step, resets[:, t])
+        assert y_err(y_t[:, None], y[:, t:t + 1]) < TOL_FP32
+        sl = slice(t, t + 1)
+        y_1, S_one = wkv6(r[:, sl], w[:, sl], k[:, sl], v[:, sl], u, S_one,
+                          resets=resets[:, sl])
+        assert y_err(y_1, y[:, sl]) < TOL_FP32
+    assert s_err(S_step, S) < TOL_FP32 and s_err(S_one, S) < TOL_FP32
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_resets_bf16_inputs(form):
+    args = make_inputs(64, seed=15, dtype=jnp.bfloat16)
+    resets = reset_patterns(B, 64, CHUNKS)["boundary16"]
+    y_ref, S_ref = wkv6_reference(*as64(args), resets=resets)
+    y, S = _JIT[form](*args, resets=resets)
+    assert y.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    assert y_err(y, y_ref) < TOL_BF16 and s_err(S, S_ref) < TOL_FP32
+
+
+def _loop_loss64(r, w, k, v, u, S0, gy, gS, resets):
+    """The per-token recurrence in fp64 jax.numpy (differentiable), with resets."""
+
+    def body(S, x):
+        r_t, w_t, k_t, v_t, z_t = x
+        S = jnp.where(z_t[:, None, None, None], 0.0, S)
+        kv = k_t[..., :, None] * v_t[..., None, :]
+        y = jnp.einsum("bhi,bhij->bhj", r_t, u[None, :, :, None] * kv + S)
+        return jnp.exp(w_t)[..., None] * S + kv, y
+
+    xs = tuple(jnp.swapaxes(x, 0, 1) for x in (r, w, k, v, resets))
+    S, y = jax.lax.scan(body, S0, xs)
+    return jnp.sum(jnp.swapaxes(y, 0, 1) * gy) + jnp.sum(S * gS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["scan", "chunked"])
+def test_resets_long_sequence(form):
+    """T = 1000, many documents: values and gradients (vs an fp64 per-token loop)."""
+    T = 1000
+    args = make_inputs(T, seed=16)
+    pats = reset_patterns(B, T, CHUNKS)
+    resets = pats["short"] | pats["boundary64"]
+    rng = np.random.default_rng(17)
+    gy, gS = rng.standard_normal((B, T, H, N)), rng.standard_normal((B, H, N, N))
+    got, (y, S) = _grads_and_values(FORMS[form])(*args, gy, gS, resets)
+    y_ref, S_ref = wkv6_reference(*as64(args), resets=resets)
+    assert y_err(y, y_ref) < TOL_FP32 and s_err(S, S_ref) < TOL_FP32
+    ref = jax.jit(jax.grad(_loop_loss64, argnums=tuple(range(6))),
+                  compiler_options=FAST_COMPILE)(
+        *(jnp.asarray(x, jnp.float64) for x in (*as64(args), gy, gS)), resets)
+    for name_g, g, g_ref, ax in zip(GRAD_NAMES, got, ref, GRAD_SLICES):
+        assert rel_err(g, g_ref, ax) < TOL_GRAD, (name_g, rel_err(g, g_ref, ax))
+
+
+def test_resets_bad_shape():
+    with pytest.raises(ValueError, match=r"resets must be \[B, T\]"):
+        wkv6_scan(*make_inputs(4, seed=13), resets=np.zeros((B, 5), bool))
+
+
+# ---------------------------------------------------------------- compile once
+@pytest.mark.parametrize("form", ["step", "scan", "chunked", "associative"])
+def test_eager_call_compiles_once(form):
+    """The first eager call compiles, a second one with the same shapes and dtypes compiles
+    nothing, with and without resets; the dispatcher reaching that form then compiles
+    nothing either (it calls the same cached function). B = 3, T = 5, 6, ... per form:
+    shapes no other test uses, so that the first call must compile."""
+    T = 5 + ["step", "scan", "chunked", "associative"].index(form)
+    rng = np.random.default_rng(5)
+    r, k, v = (jnp.asarray(rng.standard_normal((3, T, H, N)), jnp.float32) for _ in range(3))
+    w = jnp.asarray(-np.exp(rng.uniform(-5.0, 1.0, (3, T, H, N))), jnp.float32)
+    u = jnp.asarray(rng.uniform(-1.0, 1.0, (H, N)), jnp.float32)
+    S0 = jnp.asarray(rng.standard_normal((3, H, N, N)), jnp.float32)
+    resets = jnp.asarray(rng.random((3, T)) < 0.5)
+    x0, r0 = (r[:, 0], w[:, 0], k[:, 0], v[:, 0], u, S0), resets[:, 0]
+    if form == "step":
+        calls, dispatch = [lambda: wkv6_step(*x0), lambda: wkv6_step(*x0, r0)], []
+    else:
+        calls = [lambda: FORMS[form](r, w, k, v, u, S0),
+                 lambda: FORMS[form](r, w, k, v, u, S0, resets=resets)]
+        impls = [form] + (["auto"] if resolve_impl("auto", "wkv6", SUPPORTED).value == form
+                          else [])
+        dispatch = [lambda impl=impl: wkv6(r, w, k, v, u, S0, impl=impl) for impl in impls]
+        dispatch += [lambda impl=impl: wkv6(r, w, k, v, u, S0, impl=impl, resets=resets)
+                     for impl in impls]
+        # the same call spelled otherwise (keywords) is the same cache entry
+        dispatch.append(lambda: FORMS[form](r, w, k, v, u=u, state=S0, resets=resets))
+    for call in calls:
+        with CompileCounter() as first:
+            jax.block_until_ready(call())
+        with CompileCounter() as second:
+            jax.block_until_ready(call())
+        assert first.compiles >= 1 and second.compiles == 0, (first.compiles, second.compiles)
+    for call in dispatch:
+        with CompileCounter() as c:
+            jax.block_until_ready(call())
+        assert c.compiles == 0, c.compiles

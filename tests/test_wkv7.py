@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from compile_count import CompileCounter
+from reference_np import reset_patterns, run_documents
 from reference_np_wkv7 import wkv7_ref
 from rwkv_jax.ops.impl import WkvImpl, resolve_impl
 from rwkv_jax.ops.wkv7 import (state_from_fla, state_to_fla, wkv7, wkv7_chunked, wkv7_scan,
@@ -185,19 +187,28 @@ def test_fla_layout():
 # --- 3. gradients vs an independent fp64 jax loop ----------------------------------------------
 
 
-def _ref64_loss(r, w, k, v, a, b, S0, cy, cS):
-    """Independent fp64 per-token loop in the transposed [key, value] layout Z = Sᵀ."""
+def _ref64(r, w, k, v, a, b, S0, resets=None):
+    """Independent fp64 per-token loop in the transposed [key, value] layout Z = Sᵀ; with
+    ``resets`` [B, T], Z is zeroed before each token that starts a document."""
+    if resets is None:
+        resets = jnp.zeros(r.shape[:2], jnp.bool_)
 
     def body(Z, x):
-        r_t, w_t, k_t, v_t, a_t, b_t = x
+        r_t, w_t, k_t, v_t, a_t, b_t, z_t = x
+        Z = jnp.where(z_t[:, None, None, None], 0.0, Z)
         sa = jnp.einsum("bhk,bhkv->bhv", a_t, Z)
         Z = (jnp.exp(w_t)[..., None] * Z + b_t[..., :, None] * sa[..., None, :]
              + k_t[..., :, None] * v_t[..., None, :])
         return Z, jnp.einsum("bhk,bhkv->bhv", r_t, Z)
 
     Z, y = jax.lax.scan(body, jnp.swapaxes(S0, -1, -2),
-                        tuple(jnp.swapaxes(x, 0, 1) for x in (r, w, k, v, a, b)))
-    return jnp.sum(jnp.swapaxes(y, 0, 1) * cy) + jnp.sum(jnp.swapaxes(Z, -1, -2) * cS)
+                        tuple(jnp.swapaxes(x, 0, 1) for x in (r, w, k, v, a, b, resets)))
+    return jnp.swapaxes(y, 0, 1), jnp.swapaxes(Z, -1, -2)
+
+
+def _ref64_loss(r, w, k, v, a, b, S0, cy, cS, resets=None):
+    y, S = _ref64(r, w, k, v, a, b, S0, resets)
+    return jnp.sum(y * cy) + jnp.sum(S * cS)
 
 
 _ref64_grad = jax.jit(jax.grad(_ref64_loss, argnums=tuple(range(7))))
@@ -281,3 +292,185 @@ def test_dispatch_auto_and_errors():
         wkv7(*xs, impl="bogus")
     with pytest.raises(ValueError, match="chunk_size"):
         wkv7(*xs, impl="chunked", chunk_size=0)
+
+
+# --- 6. packed documents (resets) ------------------------------------------------------------
+
+# patterns at and right after the chunk boundaries of every chunk size tested
+CHUNKS = (5, 16, 64)
+# The reset checks compile one gradient per form and shape: at XLA:CPU's optimisation level 0
+# (the same arithmetic, LLVM without its optimisation passes) that takes a fraction of the time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0}
+RESET_FORMS = {"scan": wkv7_scan, "chunked": wkv7_chunked,
+               "chunked5": functools.partial(wkv7_chunked, chunk_size=5),
+               "chunked64": functools.partial(wkv7_chunked, chunk_size=64)}
+
+
+@functools.cache
+def _grads_and_values(form):
+    """jit(grad) of <y, cy> + <S, cS> w.r.t. all seven inputs through a form with resets,
+    also returning (y, S): one compile per form and shape for every reset pattern."""
+    fn = RESET_FORMS[form]
+
+    def loss(r, w, k, v, a, b, S0, cy, cS, resets):
+        y, S = fn(r, w, k, v, a, b, S0, resets=resets)
+        return jnp.sum(y.astype(jnp.float32) * cy) + jnp.sum(S * cS), (y, S)
+
+    return jax.jit(jax.grad(loss, argnums=tuple(range(7)), has_aux=True),
+                   compiler_options=FAST_COMPILE)
+
+
+def _by_documents(xs, resets):
+    """The fp64 reference run one document at a time (no resets involved)."""
+    *seq, S0 = xs
+
+    def run(b, s, e, carried):
+        return wkv7_ref(*(x[b:b + 1, s:e] for x in seq), S0[b:b + 1] if carried else None)
+
+    return run_documents(resets, run)
+
+
+def check_resets(form, xs, seed, patterns=None, tol=FWD_TOL, finite_only=()):
+    """Every reset pattern: y and S against the fp64 loop with resets and against each
+    document run alone; gradients (inputs and initial state) against an fp64 jax loop with
+    resets (those named in ``finite_only``: finite only); a reset at t = 0 gives the
+    initial state exactly zero gradient."""
+    T = xs[0].shape[1]
+    rng = np.random.default_rng(seed)
+    cy, cS = rng.normal(size=xs[0].shape), rng.normal(size=xs[6].shape)
+    for name, resets in (patterns or reset_patterns(B, T, CHUNKS)).items():
+        g, (y, S) = _grads_and_values(form)(*f32((*xs, cy, cS)), resets)
+        y_ref, S_ref = wkv7_ref(*xs, resets=resets)
+        assert rel(y, y_ref) < tol and rel(S, S_ref) < tol, (name, rel(y, y_ref), rel(S, S_ref))
+        for b, (y_doc, S_doc) in enumerate(_by_documents(xs, resets)):
+            assert rel(y[b:b + 1], y_doc) < tol and rel(S[b:b + 1], S_doc) < tol, (name, b)
+        g_ref = _ref64_grad(*(jnp.asarray(x, jnp.float64) for x in (*xs, cy, cS)), resets)
+        for n_, gi, gr in zip("r w k v a b S0".split(), g, g_ref):
+            assert bool(jnp.all(jnp.isfinite(gi))), (name, n_)
+            assert n_ in finite_only or rel(gi, gr) < GRAD_TOL, (name, n_, rel(gi, gr))
+        assert not np.any(np.asarray(g[6])[resets[:, 0]]), name  # exactly zero
+
+
+def test_reference_loops_agree_with_resets():
+    xs = make_inputs(64, seed=50)
+    for name, resets in reset_patterns(B, 64, CHUNKS).items():
+        y_ref, S_ref = wkv7_ref(*xs, resets=resets)
+        y, S = _ref64(*(jnp.asarray(x, jnp.float64) for x in xs), resets)
+        assert rel(y, y_ref) < 1e-12 and rel(S, S_ref) < 1e-12, name
+
+
+@pytest.mark.parametrize("T", [1, 7, 64, 129])
+@pytest.mark.parametrize("form", ["scan", "chunked", "chunked5"])
+def test_resets_match_reference(form, T):
+    check_resets(form, make_inputs(T, seed=60 + T), seed=T)
+
+
+@pytest.mark.parametrize("decay", ["strong", "weak", "extreme"])
+@pytest.mark.parametrize("form", ["scan", "chunked", "chunked64"])
+def test_resets_decay_extremes(form, decay):
+    """The model's strongest and weakest decays, and w = -20 (masked exponents would reach
+    +320 in chunk 16), with resets: values and gradients.
+
+    At w = -20 the true ∂/∂w is ~3e-8 (every path decays by e^-20), while the chunked
+    form sums it from O(1) terms that cancel (the e^{G_i - G_i} = 1 diagonal, the last
+    row's e^{G_last - G_last}): ~2e-7 absolute, resets or not, so there it is checked finite
+    only (the scan's is exact)."""
+    skip = ("w",) if decay == "extreme" and form != "scan" else ()
+    check_resets(form, make_inputs(129, seed=61, decay=decay), seed=5, finite_only=skip)
+
+
+@pytest.mark.parametrize("form", ["scan", "chunked5"])
+def test_resets_generic_ab_and_zero_state(form):
+    xs = make_inputs(64, seed=62, ab="generic", state=False)
+    xs = (*xs[:6], np.zeros((B, H, N, N)))  # the zero state, passed (its gradient is checked)
+    check_resets(form, xs, seed=6)
+
+
+@pytest.mark.parametrize("form", ["scan", "chunked"])
+def test_resets_bf16_inputs(form):
+    xs = make_inputs(129, seed=63)
+    *seq, S0 = xs
+    seq16 = [jnp.asarray(x, jnp.bfloat16) for x in seq]
+    resets = reset_patterns(B, 129, CHUNKS)["boundary16"]
+    y, S = FORMS[form](*seq16, jnp.asarray(S0, jnp.float32), resets=resets)
+    assert y.dtype == jnp.bfloat16 and S.dtype == jnp.float32
+    y_ref, S_ref = wkv7_ref(*(np.asarray(x, np.float64) for x in seq16), S0, resets=resets)
+    assert rel(y, y_ref) < BF16_TOL and rel(S, S_ref) < FWD_TOL
+
+
+def test_resets_through_dispatch_and_step():
+    """wkv7(impl=...) traces to exactly the form's program with resets; decoding token by
+    token with ``reset_t`` (the step, and the dispatcher with T = 1) equals the scan."""
+    xs = f32(make_inputs(20, seed=64))
+    *seq, S0 = xs
+    resets = reset_patterns(B, 20, CHUNKS)["short"]
+    auto = {"scan": wkv7_scan, "chunked": wkv7_chunked}[resolve_impl(
+        "auto", "wkv7", (WkvImpl.SCAN, WkvImpl.CHUNKED)).value]
+    for impl, form in (("auto", auto), ("scan", wkv7_scan),
+                       ("chunked", functools.partial(wkv7_chunked, chunk_size=8))):
+        got = jax.make_jaxpr(functools.partial(wkv7, impl=impl, chunk_size=8,
+                                               resets=resets))(*xs)
+        want = jax.make_jaxpr(functools.partial(form, resets=resets))(*xs)
+        assert str(got) == str(want) != str(jax.make_jaxpr(form)(*xs)), impl
+    y, S = wkv7_scan(*xs, resets=resets)
+    S_step, S_one, ys, ys1 = S0, S0, [], []
+    for t in range(20):
+        y_t, S_step = wkv7_step(*(x[:, t] for x in seq), S_step, resets[:, t])
+        y_1, S_one = wkv7(*(x[:, t:t + 1] for x in seq), S_one, resets=resets[:, t:t + 1])
+        ys.append(y_t)
+        ys1.append(y_1)
+    assert rel(jnp.stack(ys, 1), y) < FWD_TOL and rel(S_step, S) < FWD_TOL
+    assert rel(jnp.concatenate(ys1, 1), y) < FWD_TOL and rel(S_one, S) < FWD_TOL
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["scan", "chunked"])
+def test_resets_long_sequence(form):
+    """T = 1000, many documents: values and gradients."""
+    pats = reset_patterns(B, 1000, CHUNKS)
+    check_resets(form, make_inputs(1000, seed=65), seed=7,
+                 patterns={"short|boundary16": pats["short"] | pats["boundary16"]})
+
+
+def test_resets_bad_shape():
+    with pytest.raises(ValueError, match=r"resets must be \[B, T\]"):
+        wkv7_scan(*f32(make_inputs(4, seed=66)), resets=np.zeros((B, 5), bool))
+
+
+# --- 7. compile once --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("form", ["step", "scan", "chunked"])
+def test_eager_call_compiles_once(form):
+    """The first eager call compiles, a second one with the same shapes and dtypes compiles
+    nothing, with and without resets; the dispatcher reaching that form then compiles
+    nothing either (it calls the same cached function). B = 3, T = 5, 6, 7 per form:
+    shapes no other test uses, so that the first call must compile."""
+    T = 5 + ["step", "scan", "chunked"].index(form)
+    rng = np.random.default_rng(5)
+    xs = [jnp.asarray(rng.normal(size=(3, T, H, N)) * 0.3, jnp.float32) for _ in range(6)]
+    xs[1] = -jnp.abs(xs[1])  # log decay < 0
+    S0 = jnp.asarray(rng.normal(size=(3, H, N, N)), jnp.float32)
+    resets = jnp.asarray(rng.random((3, T)) < 0.5)
+    x0, r0 = [x[:, 0] for x in xs], resets[:, 0]
+    if form == "step":
+        calls, dispatch = [lambda: wkv7_step(*x0, S0), lambda: wkv7_step(*x0, S0, r0)], []
+    else:
+        f = {"scan": wkv7_scan, "chunked": wkv7_chunked}[form]
+        calls = [lambda: f(*xs, S0), lambda: f(*xs, S0, resets=resets)]
+        impls = [form] + (["auto"] if resolve_impl(
+            "auto", "wkv7", (WkvImpl.SCAN, WkvImpl.CHUNKED)).value == form else [])
+        dispatch = [lambda impl=impl: wkv7(*xs, S0, impl=impl) for impl in impls]
+        dispatch += [lambda impl=impl: wkv7(*xs, S0, impl=impl, resets=resets)
+                     for impl in impls]
+        # the same call spelled otherwise (keywords) is the same cache entry
+        dispatch.append(lambda: f(*xs, state=S0, resets=resets))
+    for call in calls:
+        with CompileCounter() as first:
+            jax.block_until_ready(call())
+        with CompileCounter() as second:
+            jax.block_until_ready(call())
+        assert first.compiles >= 1 and second.compiles == 0, (first.compiles, second.compiles)
+    for call in dispatch:
+        with CompileCounter() as c:
+            jax.block_until_ready(call())
+        assert c.compiles == 0, c.compiles

@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 
 from rwkv_jax.kernels import common
 from rwkv_jax.kernels.common import chunk_rows, i32, loop
+from rwkv_jax.ops.impl import jit_form
 from rwkv_jax.ops.wkv4 import PP_EMPTY, Wkv4State, wkv4_bwd_step, wkv4_step
 
 FORM = "wkv4 'pallas'"
@@ -272,6 +273,7 @@ def _core_bwd(p, res, cot):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+@jit_form(static_argnames=("platform", "interpret", "block_c"))
 def wkv4_pallas(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
                 state: Wkv4State | None = None, *, resets: jax.Array | None = None,
                 platform: str | None = None, interpret: bool | None = None,

@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from rwkv_jax.kernels import common
 from rwkv_jax.kernels.common import (dot, dot_nt, dot_tn, masked_exp, pair_mask, prefix_matrix,
                                      row, span_sums, suffix_matrix)
+from rwkv_jax.ops.impl import jit_form
 from rwkv_jax.ops.wkv6 import LOG_DECAY_MIN
 
 FORM = "wkv6 'pallas'"
@@ -84,6 +85,7 @@ def _chunk(xs, hs, S, seg):
 _run = common.chunked_recurrence(_chunk, n_seq=4, n_head=1)
 
 
+@jit_form(static_argnames=("chunk_size", "platform", "interpret"))
 def wkv6_pallas(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.Array,
                 state: jax.Array | None = None, *, resets: jax.Array | None = None,
                 chunk_size: int = DEFAULT_CHUNK, platform: str | None = None,

@@ -47,6 +47,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rwkv_jax.ops.impl import jit_form
 from rwkv_jax.kernels import common
 from rwkv_jax.kernels.common import (dot, dot_nt, dot_tn, iota, masked_exp, pair_mask,
                                      prefix_matrix, row, span_sums, suffix_matrix)
@@ -101,6 +102,7 @@ def _chunk(xs, hs, S, seg):
 _run = common.chunked_recurrence(_chunk, n_seq=6, n_head=0)
 
 
+@jit_form(static_argnames=("chunk_size", "platform", "interpret"))
 def wkv7_pallas(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array,
                 b: jax.Array, state: jax.Array | None = None, *,
                 resets: jax.Array | None = None, chunk_size: int = DEFAULT_CHUNK,

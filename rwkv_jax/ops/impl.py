@@ -1,16 +1,21 @@
-"""The one switch that picks a WKV implementation.
+"""What the WKV modules share: the switch that picks a form, and the ``resets`` argument.
 
 Every recurrence module (`wkv4`, `wkv6`, `wkv7`) exposes several forms behind one
 signature; :class:`WkvImpl` names them and :func:`resolve_impl` turns ``AUTO`` into a
 concrete form for the current backend. Models pass the enum through and never branch on
-it themselves.
+it themselves. :func:`check_resets` validates the optional document-start mask that every
+form takes (its contract is stated in each module's docstring); :func:`jit_form` is the
+``jax.jit`` every public form is wrapped in.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
+import inspect
 
 import jax
+import jax.numpy as jnp
 
 
 class WkvImpl(str, enum.Enum):
@@ -71,3 +76,40 @@ def resolve_impl(impl: "WkvImpl | str", op: str, supported: tuple[WkvImpl, ...],
         valid = ", ".join(m.value for m in supported)
         raise ValueError(f"{op} has no {impl.value!r} form; valid: auto, {valid}")
     return impl
+
+
+def check_resets(resets, batch: int, time: int) -> jax.Array | None:
+    """``resets`` (None, or an array of shape [B, T]) as a bool [B, T] array; None stays None.
+
+    A wrong shape raises a ValueError naming it and the expected one.
+    """
+    if resets is None:
+        return None
+    if tuple(jnp.shape(resets)) != (batch, time):
+        raise ValueError(f"resets must be [B, T] = {(batch, time)}; "
+                         f"got {tuple(jnp.shape(resets))}")
+    return jnp.asarray(resets).astype(jnp.bool_)
+
+
+def jit_form(fn=None, *, static_argnames: tuple[str, ...] = ()):
+    """``jax.jit`` for a WKV form, cached on the call's values whatever its spelling.
+
+    ``jax.jit`` keys its cache on how a call is written too: ``f(x)``, ``f(x, None)`` and
+    ``f(x, state=None)`` (or a static argument left at its default vs. passed) each trace
+    and compile anew. Here every call is first bound to the full signature with defaults
+    filled in, so one shape/dtype/static configuration compiles once, eager or inside an
+    outer jit (where it is inlined). Usable as ``@jit_form`` or
+    ``@jit_form(static_argnames=(...))``.
+    """
+    if fn is None:
+        return functools.partial(jit_form, static_argnames=static_argnames)
+    signature = inspect.signature(fn)
+    jitted = jax.jit(fn, static_argnames=static_argnames)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return jitted(*bound.args, **bound.kwargs)
+
+    return call

@@ -10,6 +10,7 @@ Legend (shapes): B batch, T time, H heads, N head size (64 in released models), 
   S  [B, H, N, N]  float32 state per head in the official **[value i, key j]** layout
                    (pip / CUDA); flash-linear-attention stores the transpose, see
                    :func:`state_to_fla` / :func:`state_from_fla`
+  resets [B, T]    optional bool document starts (below)
 
 Per token (reference §5.1, the CUDA kernel's loop, thread = value row i)::
 
@@ -17,10 +18,21 @@ Per token (reference §5.1, the CUDA kernel's loop, thread = value row i)::
     S[i,j] ← S[i,j]·e^{w[j]} + sa[i]·b[j] + v[i]·k[j]       # S(diag(e^w) + a bᵀ) + v kᵀ
     y[i]    = Σ_j S[i,j]·r[j]                               # read AFTER the update
 
-All forms take ``(r, w, k, v, a, b, state=None)`` and return ``(y [B, T, H, N],
-final_state [B, H, N, N] float32)``; ``state=None`` means zeros. Inputs may be any float
-dtype; everything is computed in fp32 and ``y`` is returned in the dtype of ``v``. A sequence
-can be split anywhere: the prefix's final state fed to the rest equals one call.
+All forms take ``(r, w, k, v, a, b, state=None, *, resets=None)`` and return
+``(y [B, T, H, N], final_state [B, H, N, N] float32)``; ``state=None`` means zeros. Inputs
+may be any float dtype; everything is computed in fp32 and ``y`` is returned in the dtype of
+``v``. A sequence can be split anywhere: the prefix's final state fed to the rest equals one
+call.
+
+Packed documents: ``resets[b, t] = True`` means token t of row b starts a new document:
+before token t is processed, the carried state of row b is replaced by the empty (zero)
+state. A reset at t = 0 discards the ``state`` passed in (its gradient is then exactly zero).
+Outputs at and after t, and the final state, equal running that document alone from the
+zero state. ``resets=None`` traces exactly the computation without resets (no extra cost).
+
+Every public form is jitted by :func:`~rwkv_jax.ops.impl.jit_form` (``chunk_size``
+static): an eager call compiles once per shape/dtype/configuration (and ``resets`` given
+or not), however the call is spelled; inside an outer jit or grad it is inlined.
 
 Forms:
   * :func:`wkv7_step`     one token, the per-token update above;
@@ -42,7 +54,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rwkv_jax.ops.impl import WkvImpl, resolve_impl
+from rwkv_jax.ops.impl import WkvImpl, check_resets, jit_form, resolve_impl
 
 SUPPORTED = (WkvImpl.SCAN, WkvImpl.CHUNKED, WkvImpl.PALLAS)
 
@@ -67,23 +79,30 @@ def state_from_fla(S: jax.Array) -> jax.Array:
     return jnp.swapaxes(S, -1, -2)
 
 
-def _prepare(r, w, k, v, a, b, state):
-    B, _, H, N = r.shape
+def _prepare(r, w, k, v, a, b, state, resets):
+    """fp32 casts, the zero state for None, resets as bool [B, T] (or None)."""
+    B, T, H, N = r.shape
     if state is None:
         state = jnp.zeros((B, H, N, N), jnp.float32)
     f32 = lambda x: jnp.asarray(x).astype(jnp.float32)  # noqa: E731
-    return tuple(f32(x) for x in (r, w, k, v, a, b)) + (f32(state),)
+    return (*(f32(x) for x in (r, w, k, v, a, b)), f32(state), check_resets(resets, B, T))
 
 
+@jit_form
 def wkv7_step(r_t: jax.Array, w_t: jax.Array, k_t: jax.Array, v_t: jax.Array,
-              a_t: jax.Array, b_t: jax.Array, S: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """One token. ``r_t … b_t``: [B, H, N] (any float dtype); ``S``: [B, H, N, N] [value, key].
+              a_t: jax.Array, b_t: jax.Array, S: jax.Array,
+              reset_t: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """One token. ``r_t … b_t``: [B, H, N] (any float dtype); ``S``: [B, H, N, N] [value, key];
+    ``reset_t``: optional bool [B], where True ``S`` is zeroed before the token (a document
+    starts at it).
 
     Returns ``(y_t [B, H, N] in v_t's dtype, new S [B, H, N, N] float32)``.
     """
     out_dtype = v_t.dtype
     r_t, w_t, k_t, v_t, a_t, b_t, S = (x.astype(jnp.float32)
                                        for x in (r_t, w_t, k_t, v_t, a_t, b_t, S))
+    if reset_t is not None:
+        S = jnp.where(jnp.asarray(reset_t, jnp.bool_)[:, None, None, None], 0.0, S)
     sa = jnp.einsum("bhij,bhj->bhi", S, a_t, precision=_HI)
     S = (S * jnp.exp(w_t)[:, :, None, :] + sa[..., :, None] * b_t[:, :, None, :]
          + v_t[..., :, None] * k_t[:, :, None, :])
@@ -91,17 +110,23 @@ def wkv7_step(r_t: jax.Array, w_t: jax.Array, k_t: jax.Array, v_t: jax.Array,
     return y_t.astype(out_dtype), S
 
 
+@jit_form
 def wkv7_scan(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array,
-              b: jax.Array, state: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """Sequential form: ``lax.scan`` of :func:`wkv7_step` over T. Shapes as the module legend."""
+              b: jax.Array, state: jax.Array | None = None, *,
+              resets: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Sequential form: ``lax.scan`` of :func:`wkv7_step` over T. Shapes and ``resets`` as
+    the module docstring."""
     out_dtype = v.dtype
-    *xs, S = _prepare(r, w, k, v, a, b, state)
+    *xs, S, resets = _prepare(r, w, k, v, a, b, state, resets)
 
     def body(S, x_t):
-        y_t, S = wkv7_step(*x_t, S)
+        *x_t, reset_t = x_t
+        y_t, S = wkv7_step(*x_t, S, reset_t)
         return S, y_t
 
-    S, y = jax.lax.scan(body, S, tuple(jnp.swapaxes(x, 0, 1) for x in xs))  # time-major
+    # time-major [T, B, H, N] (resets [T, B])
+    xs = tuple(None if x is None else jnp.swapaxes(x, 0, 1) for x in (*xs, resets))
+    S, y = jax.lax.scan(body, S, xs)
     return jnp.swapaxes(y, 0, 1).astype(out_dtype), S
 
 
@@ -134,9 +159,11 @@ def _unit_lower_inverse(L):
     return inv
 
 
+@jit_form(static_argnames=("chunk_size",))
 def wkv7_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array,
                  b: jax.Array, state: jax.Array | None = None, *,
-                 chunk_size: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+                 chunk_size: int = DEFAULT_CHUNK,
+                 resets: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Chunked WY / DPLR form (reference §5.4); shapes as the module legend.
 
     Works in the transposed [key, value] state ``Z = Sᵀ`` that §5.4 is written for. Within a
@@ -153,9 +180,16 @@ def wkv7_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.
     ``lax.scan`` over chunks carries only ``Z``. T need not be a multiple of ``chunk_size``:
     the tail is padded with ``w = 0`` and ``r = k = v = a = b = 0``, which leave the state
     unchanged, so the final state is the one after the last real token.
+
+    With ``resets``, every term keeps only what one document sees, inside the chunk: the
+    four pair matrices drop the pairs (j -> i) with a reset in (j, i] (after the sum over
+    d, so the exponents are the ones above), ``Z0`` reaches only the tokens before the
+    chunk's first reset, and only the chunk's last document reaches ``Z_end`` (none of
+    ``Z0`` if the chunk has a reset). ``(I - A_ab)`` stays unit lower triangular.
+
     """
     out_dtype = v.dtype
-    *xs, S = _prepare(r, w, k, v, a, b, state)
+    *xs, S, resets = _prepare(r, w, k, v, a, b, state, resets)
     B, T, H, N = xs[0].shape
     C = int(chunk_size)
     if C < 1:
@@ -189,16 +223,27 @@ def wkv7_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.
 
     A_qk, A_qb = pair(r, E_incl, k), pair(r, E_incl, b)
     A_ak, A_ab = pair(a, E_strict, k), pair(a, E_strict, b)
+    a_start, r_start = a * jnp.exp(Gm), r * jnp.exp(G)  # the rows that read Z0
+    k_end = k * jnp.exp(Gl - G)                        # decay from token j to chunk end
+    b_end = b * jnp.exp(Gl - G)
+    decay = jnp.exp(Gl)                                # [B, H, nC, 1, N_k]
+    if resets is not None:
+        rs = jnp.pad(resets, ((0, 0), (0, pad))).reshape(B, 1, nC, C)
+        seg = jnp.cumsum(rs.astype(jnp.int32), axis=-1)    # document number inside the chunk
+        same_doc = seg[..., :, None] == seg[..., None, :]  # [B, 1, nC, C_i, C_j]
+        A_qk, A_qb, A_ak, A_ab = (jnp.where(same_doc, A, 0.0)
+                                  for A in (A_qk, A_qb, A_ak, A_ab))
+        first, last = (seg == 0)[..., None], (seg == seg[..., -1:])[..., None]
+        a_start, r_start = jnp.where(first, a_start, 0.0), jnp.where(first, r_start, 0.0)
+        k_end, b_end = jnp.where(last, k_end, 0.0), jnp.where(last, b_end, 0.0)
+        decay = jnp.where((seg[..., -1:] > 0)[..., None], 0.0, decay)
 
     mm = lambda x, y: jnp.matmul(x, y, precision=_HI)  # noqa: E731
     # (I - A_ab)^{-1} applied to both right-hand sides at once: sa = U + W @ Z0
-    rhs = jnp.concatenate([mm(A_ak, v), a * jnp.exp(Gm)], axis=-1)
+    rhs = jnp.concatenate([mm(A_ak, v), a_start], axis=-1)
     UW = mm(_unit_lower_inverse(A_ab), rhs)
     U, W = UW[..., :N], UW[..., N:]                    # [.., C, N_v], [.., C, N_k]
-    k_end = k * jnp.exp(Gl - G)                        # decay from token j to chunk end
-    b_end = b * jnp.exp(Gl - G)
     Z_in = mm(jnp.swapaxes(k_end, -1, -2), v)          # this chunk's kᵀV [.., N_k, N_v]
-    decay = jnp.exp(Gl)                                # [B, H, nC, 1, N_k]
 
     def body(Z, xs_c):
         # Z: [B, H, N_k, N_v]; xs_c: one chunk of each chunk-local term
@@ -214,7 +259,7 @@ def wkv7_chunked(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.
     Z0 = jnp.moveaxis(Z0, 0, 2)                        # start state per chunk [B, H, nC, K, V]
 
     sa = U + mm(W, Z0)
-    y = mm(A_qk, v) + mm(A_qb, sa) + mm(r * jnp.exp(G), Z0)     # [B, H, nC, C, N_v]
+    y = mm(A_qk, v) + mm(A_qb, sa) + mm(r_start, Z0)             # [B, H, nC, C, N_v]
     y = y.transpose(0, 2, 3, 1, 4).reshape(B, nC * C, H, N)[:, :T]
     return y.astype(out_dtype), state_from_fla(Z)
 
@@ -234,12 +279,16 @@ _FORMS = {WkvImpl.SCAN: wkv7_scan, WkvImpl.CHUNKED: wkv7_chunked, WkvImpl.PALLAS
 
 def wkv7(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, a: jax.Array, b: jax.Array,
          state: jax.Array | None = None, *, impl: WkvImpl | str = WkvImpl.AUTO,
-         chunk_size: int = DEFAULT_CHUNK) -> tuple[jax.Array, jax.Array]:
+         chunk_size: int = DEFAULT_CHUNK,
+         resets: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """RWKV-7 WKV through the form ``impl`` names (AUTO: by platform). See module docstring.
 
-    ``chunk_size`` is used by the chunked form only.
+    ``chunk_size`` is used by the chunked form only. ``impl`` is resolved here, in Python,
+    and the (jitted) form is called: an eager call compiles once per shape, and the traced
+    program is exactly the form's.
     """
-    impl = resolve_impl(impl, "wkv7", SUPPORTED)
-    if impl is WkvImpl.CHUNKED:
-        return wkv7_chunked(r, w, k, v, a, b, state, chunk_size=chunk_size)
-    return _FORMS[impl](r, w, k, v, a, b, state)
+    form = resolve_impl(impl, "wkv7", SUPPORTED)
+    kwargs = {} if resets is None else {"resets": resets}
+    if form is WkvImpl.CHUNKED:
+        kwargs["chunk_size"] = chunk_size
+    return _FORMS[form](r, w, k, v, a, b, state, **kwargs)
