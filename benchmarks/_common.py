@@ -1,17 +1,22 @@
 """Small helpers shared by the benchmark scripts: timing, environment info, tables, JSON.
 
-Nothing here imports JAX or torch, so a helper process of another virtual environment can
-use it too; versions are read from the installed package metadata.
+Nothing here imports JAX or torch at import time (the ceiling classes import theirs when
+built), so a worker process of another virtual environment can use it too; versions are read
+from the installed package metadata. Also: the worker protocol (:func:`spawn_worker`,
+:func:`serve`, :class:`Worker`), pinning, the same-run ceilings, and the random official-key
+RWKV-4 checkpoint the inference benchmarks share.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from typing import Any, Callable, Sequence
 
@@ -139,3 +144,203 @@ class Worker:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
+
+
+# ---- peers, pinning and worker processes ---------------------------------------------------
+OFFICIAL_PYTHON = "/work/torchvenv/bin/python"  # torch 2.13 (CPU), rwkv 0.8.32, transformers
+FIXTURES = "/work/shared/fixtures/tiny-rwkv"
+XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def pin_prefix(threads: int, pin: bool = True) -> list[str]:
+    """``taskset -c 0..threads-1`` (nothing when ``pin`` is false)."""
+    return ["taskset", "-c", ",".join(map(str, range(threads)))] if pin else []
+
+
+def worker_env(kind: str, threads: int, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment of a worker: ``kind`` "jax" gets XLA single-threaded at ``threads == 1``;
+    "torch" (official package / transformers) the official package's CPU settings (its own
+    process sets ``torch.set_num_threads``)."""
+    env = dict(os.environ)
+    if kind == "jax" and threads == 1:
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
+    if kind == "torch":
+        env["RWKV_JIT_ON"], env["RWKV_CUDA_ON"] = env.get("RWKV_JIT_ON", "1"), "0"
+    env.update(extra or {})
+    return env
+
+
+def spawn_worker(script: str, python: str, kind: str, argv: Sequence[str], *, threads: int,
+                 pin: bool = True, env: dict[str, str] | None = None) -> "Worker":
+    """Start ``python script --worker KIND argv...`` pinned to ``threads`` cores."""
+    cmd = pin_prefix(threads, pin) + [python, os.path.abspath(script), "--worker", kind,
+                                      "--threads", str(threads), *argv]
+    return Worker(cmd, worker_env("torch" if kind in ("official", "hf") else "jax", threads,
+                                  env))
+
+
+def serve(make_runner: Callable[[], Any]) -> None:
+    """The worker side of :class:`Worker`: build the runner, say ready, then answer requests
+    ``{"op", "args", "timed"}`` with ``{"result"}`` or, when timed, ``{"wall", "cpu"}`` of the
+    call. Replies go to the original stdout; everything else the process prints to stderr."""
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # library prints (and C-level output) must not corrupt the protocol
+    t0 = time.perf_counter()
+    runner = make_runner()
+    info = {**getattr(runner, "info", {}), "setup_s": time.perf_counter() - t0,
+            "env": env_info()}
+    reply.write(json.dumps({"ready": True, "info": info}) + "\n")
+    reply.flush()
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        fn = getattr(runner, cmd["op"])
+        kw = cmd.get("args") or {}
+        if cmd.get("timed"):
+            wall, cpu = timed(lambda: fn(**kw))
+            out = {"wall": wall, "cpu": cpu}
+        else:
+            out = {"result": fn(**kw)}
+        reply.write(json.dumps(out, default=_jsonable) + "\n")
+        reply.flush()
+
+
+def _jsonable(x: Any) -> Any:
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x)}")
+
+
+def ratio(x: float | None, ref: float | None) -> str:
+    """``x / ref`` as "1.23x" ("-" when either is missing)."""
+    return f"{x / ref:.2f}x" if x and ref else "-"
+
+
+def load_line(label: str = "load average") -> str:
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return f"{label}: {' '.join(f'{x:.2f}' for x in load)}" if load else ""
+
+
+# ---- ceilings: what one core does in each library (same run) -------------------------------
+# name -> (description, a shape, b shape (2-D: a @ b.T, 1-D: a @ b), work per call: FLOP or
+# bytes, unit). Each timed repetition makes CEILING_CALLS calls.
+CEILINGS = {
+    "gemm": ("fp32 GEMM [1024,768] x [3072,768]^T (prefill's FFN key)", (1024, 768),
+             (3072, 768), 2 * 1024 * 768 * 3072, "GFLOP/s"),
+    "gemv": ("fp32 gemv of the [50277,768] head (154 MB, weights streamed from DRAM)",
+             (50277, 768), (768,), 50277 * 768 * 4, "GB/s"),
+}
+CEILING_CALLS = 4
+
+
+class TorchCeilings:
+    """:data:`CEILINGS` in torch (import torch only in a torch worker)."""
+
+    def __init__(self):
+        import torch
+        self.torch = torch
+        self.ops = {name: (torch.randn(*a), torch.randn(*b)) for name, (_, a, b, _, _)
+                    in CEILINGS.items()}
+
+    def ceiling(self, case: str) -> None:
+        a, b = self.ops[case]
+        with self.torch.no_grad():
+            for _ in range(CEILING_CALLS):
+                self.torch.mm(a, b.t()) if b.ndim == 2 else self.torch.mv(a, b)
+
+
+class JaxCeilings:
+    """:data:`CEILINGS` in XLA (import jax only in a JAX worker)."""
+
+    def __init__(self):
+        import jax
+        import jax.numpy as jnp
+        self.jax = jax
+        key = jax.random.PRNGKey(0)
+        mm = jax.jit(lambda a, b: jnp.einsum("ri,oi->ro", a, b))
+        mv = jax.jit(lambda a, b: jnp.einsum("oi,i->o", a, b))
+        self.ops = {name: (mm if len(bs) == 2 else mv, jax.random.normal(key, a_s),
+                           jax.random.normal(key, bs))
+                    for name, (_, a_s, bs, _, _) in CEILINGS.items()}
+        for f, a, b in self.ops.values():
+            f(a, b).block_until_ready()
+
+    def ceiling(self, case: str) -> None:
+        f, a, b = self.ops[case]
+        self.jax.block_until_ready([f(a, b) for _ in range(CEILING_CALLS)])
+
+
+def ceiling_rate(case: str, runs: Sequence[tuple[float, float]]) -> float:
+    """GFLOP/s or GB/s of a ceiling case from its timed runs (best run)."""
+    return CEILINGS[case][3] * CEILING_CALLS / min(w for w, _ in runs) / 1e9
+
+
+# ---- a random official-format RWKV-4 checkpoint --------------------------------------------
+def random_rwkv4(L: int, C: int, V: int, seed: int = 0) -> dict:
+    """Random RWKV-4 tensors (numpy float32) under the official keys (reference §2.3) with
+    sane activations.
+
+    LayerNorms are identity (weight 1, bias 0); time_decay/time_first/time_mix follow the
+    official init (§2.4); matrices are N(0, 1/in) so projections keep unit scale, with the
+    two residual outputs (att.output, ffn.value) scaled down by sqrt(2L) as in GPT-2 so the
+    residual stream stays O(1) through the layers.
+    """
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    F = 4 * C
+    f32 = np.float32
+
+    def mat(d_out, d_in, scale=1.0):
+        w = rng.standard_normal((d_out, d_in), dtype=f32)
+        w *= f32(scale / math.sqrt(d_in))
+        return w
+
+    def ln(prefix):
+        return {f"{prefix}.weight": np.ones(C, f32), f"{prefix}.bias": np.zeros(C, f32)}
+
+    out_scale = 1.0 / math.sqrt(2 * L)
+    h = np.arange(C, dtype=np.float64)
+    ddd = h / C
+    zigzag = ((h + 1) % 3) - 1
+    t = {"emb.weight": rng.standard_normal((V, C), dtype=f32), **ln("blocks.0.ln0")}
+    for i in range(L):
+        r01 = i / (L - 1) if L > 1 else 0.0
+        r10 = 1.0 - i / L
+        p = f"blocks.{i}."
+        t.update(ln(p + "ln1"))
+        t.update(ln(p + "ln2"))
+        t[p + "att.time_decay"] = (-5 + 8 * (h / (C - 1)) ** (0.7 + 1.3 * r01)).astype(f32)
+        t[p + "att.time_first"] = (math.log(0.3) + 0.5 * zigzag).astype(f32)
+        for name, val in (("k", ddd ** r10), ("v", ddd ** r10 + 0.3 * r01),
+                          ("r", ddd ** (0.5 * r10))):
+            t[f"{p}att.time_mix_{name}"] = val.astype(f32).reshape(1, 1, C)
+        for name in ("key", "value", "receptance"):
+            t[f"{p}att.{name}.weight"] = mat(C, C)
+        t[p + "att.output.weight"] = mat(C, C, out_scale)
+        t[p + "ffn.time_mix_k"] = (ddd ** r10).astype(f32).reshape(1, 1, C)
+        t[p + "ffn.time_mix_r"] = (ddd ** r10).astype(f32).reshape(1, 1, C)
+        t[p + "ffn.key.weight"] = mat(F, C)
+        t[p + "ffn.receptance.weight"] = mat(C, C)
+        t[p + "ffn.value.weight"] = mat(C, F, out_scale)
+    t.update(ln("ln_out"))
+    t["head.weight"] = mat(V, C)
+    return t
+
+
+def checkpoint_path(cache_dir: str, L: int, C: int, V: int, seed: int) -> str:
+    """Path of the cached random RWKV-4 ``.pth`` (official keys), written on first use (needs
+    rwkv_jax: call it from the driver, not a torch worker)."""
+    path = os.path.join(cache_dir, f"rwkv4-random-L{L}-C{C}-V{V}-seed{seed}.pth")
+    if not os.path.exists(path):
+        from rwkv_jax.io.pth import write_pth
+        os.makedirs(cache_dir, exist_ok=True)
+        t0 = time.perf_counter()
+        write_pth(random_rwkv4(L, C, V, seed), path)  # atomic (temp file + rename)
+        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.0f} MiB) in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return path
+
+
+def token_ids(n: int, V: int, seed: int) -> list[int]:
+    """The same pseudo-random token ids in every worker."""
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, V, size=n).tolist()

@@ -10,9 +10,12 @@ Measures, at batch 1 on a random checkpoint of the 169M shape (L12 C768 V50277, 
 Implementations: ``official`` (``rwkv`` 0.8.x, strategy "cpu fp32", TorchScript on,
 ``RWKV_JIT_ON=1``, run with ``--official-python``), and rwkv_jax as ``fp32``, ``bf16``
 (``compute_dtype="bfloat16"``: matmuls in bf16, fp32 parameters) and ``bf16w``
-(``param_dtype`` and ``compute_dtype`` bf16). rwkv_jax runs as ``jax.jit`` of a pure function
-of ``(params, tokens, state)`` built with ``nnx.split``/``nnx.merge`` (``nnx.jit`` re-walks
-the module graph on every call, which costs ~ms per decode step).
+(``param_dtype`` and ``compute_dtype`` bf16). rwkv_jax is measured only through its public
+call, as a user runs it: ``model = rwkv_jax.load(path)``; prefill
+``logits, state = model(tokens, logits_to_keep=1)`` from the empty state; decode
+``model(token [1, 1], state, logits_to_keep=1)`` then an argmax on the host, one call per
+token (each call validates its tokens on the host, so every step synchronises, as the
+official package's ``int(torch.argmax(...))`` does).
 
 Each implementation lives in its own worker process; all are loaded, compiled and warmed up
 (``--warmup`` calls, then one check call whose last-token logits and greedy tokens are compared
@@ -27,8 +30,10 @@ Threads: ``--threads 1`` runs every worker under ``taskset -c 0``; the official 
 is what enforces one core; cpu util <= 1.0 confirms it). ``--threads N`` pins to cores
 0..N-1, ``torch.set_num_threads(N)`` and leaves XLA's default pool (one thread per core).
 
-    python benchmarks/bench_inference.py --threads 1 --json out/bench_t1.json
+    python benchmarks/bench_inference.py --threads 1 --repeats 5 --json out/inf_t1.json
     python benchmarks/bench_inference.py --shape 6,512,256 --threads 2
+    python benchmarks/bench_inference.py --shape 2,64,256 --prefill 64 --decode 8 \
+        --repeats 2 --impls official,fp32,bf16w          # smoke test (~1 min)
 
 The random checkpoint is written once with official key names (``write_pth``) under
 ``--cache-dir`` and reused.
@@ -38,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import tempfile
@@ -49,7 +53,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
-OFFICIAL_PYTHON = "/work/torchvenv/bin/python"
 JAX_VARIANTS = {
     "fp32": {},
     "bf16": {"compute_dtype": "bfloat16"},
@@ -61,105 +64,24 @@ LABELS = {
     "bf16": "rwkv_jax compute bf16 (fp32 params)",
     "bf16w": "rwkv_jax bf16 params + compute",
 }
-# Ceilings measured by each worker in its own library, same run: what one core can do.
-# name -> (description, operand shapes a, b: a @ b.T for a 2-D b, else a @ b; the work per call
-# in FLOP or bytes). Each timed repetition makes CEILING_CALLS calls.
-CEILINGS = {
-    "gemm": ("fp32 GEMM [1024,768] x [3072,768]^T (prefill's FFN key), GFLOP/s",
-             (1024, 768), (3072, 768), 2 * 1024 * 768 * 3072),
-    "gemv": ("fp32 gemv of the [50277,768] head (154 MB, weights streamed from DRAM), GB/s",
-             (50277, 768), (768,), 50277 * 768 * 4),
-}
-CEILING_CALLS = 4
-XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
-
-
-# ---- random official-format checkpoint ----------------------------------------------------
-def random_rwkv4(L: int, C: int, V: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random RWKV-4 tensors under the official keys (reference §2.3) with sane activations.
-
-    LayerNorms are identity (weight 1, bias 0); time_decay/time_first/time_mix follow the
-    official init (§2.4); matrices are N(0, 1/in) so projections keep unit scale, with the
-    two residual outputs (att.output, ffn.value) scaled down by sqrt(2L) as in GPT-2 so the
-    residual stream stays O(1) through the layers.
-    """
-    rng = np.random.default_rng(seed)
-    F = 4 * C
-    f32 = np.float32
-
-    def mat(d_out, d_in, scale=1.0):
-        w = rng.standard_normal((d_out, d_in), dtype=f32)
-        w *= f32(scale / math.sqrt(d_in))
-        return w
-
-    def ln(prefix):
-        return {f"{prefix}.weight": np.ones(C, f32), f"{prefix}.bias": np.zeros(C, f32)}
-
-    out_scale = 1.0 / math.sqrt(2 * L)
-    h = np.arange(C, dtype=np.float64)
-    ddd = h / C
-    zigzag = ((h + 1) % 3) - 1
-    t = {"emb.weight": rng.standard_normal((V, C), dtype=f32), **ln("blocks.0.ln0")}
-    for i in range(L):
-        r01 = i / (L - 1) if L > 1 else 0.0
-        r10 = 1.0 - i / L
-        p = f"blocks.{i}."
-        t.update(ln(p + "ln1"))
-        t.update(ln(p + "ln2"))
-        t[p + "att.time_decay"] = (-5 + 8 * (h / (C - 1)) ** (0.7 + 1.3 * r01)).astype(f32)
-        t[p + "att.time_first"] = (math.log(0.3) + 0.5 * zigzag).astype(f32)
-        for name, val in (("k", ddd ** r10), ("v", ddd ** r10 + 0.3 * r01),
-                          ("r", ddd ** (0.5 * r10))):
-            t[f"{p}att.time_mix_{name}"] = val.astype(f32).reshape(1, 1, C)
-        for name in ("key", "value", "receptance"):
-            t[f"{p}att.{name}.weight"] = mat(C, C)
-        t[p + "att.output.weight"] = mat(C, C, out_scale)
-        t[p + "ffn.time_mix_k"] = (ddd ** r10).astype(f32).reshape(1, 1, C)
-        t[p + "ffn.time_mix_r"] = (ddd ** r10).astype(f32).reshape(1, 1, C)
-        t[p + "ffn.key.weight"] = mat(F, C)
-        t[p + "ffn.receptance.weight"] = mat(C, C)
-        t[p + "ffn.value.weight"] = mat(C, F, out_scale)
-    t.update(ln("ln_out"))
-    t["head.weight"] = mat(V, C)
-    return t
-
-
-def checkpoint_path(cache_dir: str, L: int, C: int, V: int, seed: int) -> str:
-    """Path of the cached random checkpoint, written on first use."""
-    path = os.path.join(cache_dir, f"rwkv4-random-L{L}-C{C}-V{V}-seed{seed}.pth")
-    if not os.path.exists(path):
-        from rwkv_jax.io.pth import write_pth
-        os.makedirs(cache_dir, exist_ok=True)
-        t0 = time.perf_counter()
-        write_pth(random_rwkv4(L, C, V, seed), path)  # atomic (temp file + rename)
-        print(f"wrote {path} ({os.path.getsize(path) / 2**20:.0f} MiB) in "
-              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    return path
-
-
-def token_ids(n: int, V: int, seed: int) -> list[int]:
-    """The same pseudo-random token ids in every worker."""
-    return np.random.default_rng(seed).integers(0, V, size=n).tolist()
+CEILINGS = _common.CEILINGS
 
 
 # ---- workers ------------------------------------------------------------------------------
-class OfficialRunner:
+class OfficialRunner(_common.TorchCeilings):
     """The official ``rwkv`` package, strategy "cpu fp32" (TorchScript per RWKV_JIT_ON)."""
 
     def __init__(self, args):
-        os.environ.setdefault("RWKV_JIT_ON", "1")
-        os.environ["RWKV_CUDA_ON"] = "0"
         import torch
         torch.set_num_threads(args.threads)
         from rwkv.model import RWKV
-        self.torch = torch
+        super().__init__()
         self.model = RWKV(model=args.ckpt, strategy="cpu fp32", verbose=False)
-        self.tokens, self.prompt = args.tokens, args.prompt_tokens
-        self.n_decode = args.decode
-        self.logits0, self.state0 = self.model.forward(self.prompt, None)
+        self.tokens, self.n_decode = args.tokens, args.decode
+        self.logits0, self.state0 = self.model.forward(args.prompt_tokens, None)
         self.info = {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                      "rwkv": _common._version("rwkv"),
-                     "RWKV_JIT_ON": os.environ["RWKV_JIT_ON"],
+                     "RWKV_JIT_ON": os.environ.get("RWKV_JIT_ON"),
                      "mkldnn": torch.backends.mkldnn.is_available()}
 
     def prefill(self, variant):
@@ -179,138 +101,107 @@ class OfficialRunner:
         return {"logits": self.prefill(variant).float().numpy().tolist(),
                 "decode": self.decode(variant)}
 
-    def ceiling(self, case):
-        """torch's own rates on this core: see :data:`CEILINGS`."""
-        torch = self.torch
-        if not hasattr(self, "_ceil"):
-            self._ceil = {name: (torch.randn(*a), torch.randn(*b)) for name, (_, a, b, _)
-                          in CEILINGS.items()}
-        a, b = self._ceil[case]
-        with torch.no_grad():
-            for _ in range(CEILING_CALLS):
-                torch.mm(a, b.t()) if b.ndim == 2 else torch.mv(a, b)
 
-
-class JaxRunner:
-    """rwkv_jax variants, each a ``jax.jit`` of a pure function of ``(params, tokens, state)``."""
+class JaxRunner(_common.JaxCeilings):
+    """rwkv_jax variants through the public call only (``rwkv_jax.load`` + ``model(...)``)."""
 
     def __init__(self, args):
         import jax
-        import jax.numpy as jnp
-        from flax import nnx
 
         import rwkv_jax
 
-        self.jax = jax
+        super().__init__()
         self.n_decode = args.decode
-        self.tokens = jnp.asarray([args.tokens], jnp.int32)
-        prompt = jnp.asarray([args.prompt_tokens], jnp.int32)
-        self.fns = {}
+        self.tokens = np.asarray([args.tokens], np.int32)
+        prompt = np.asarray([args.prompt_tokens], np.int32)
+        self.models, self.start = {}, {}
         for variant in args.variants:
             model = rwkv_jax.load(args.ckpt, **JAX_VARIANTS[variant])
-            graphdef, params = nnx.split(model)
-
-            @jax.jit
-            def prefill(params, tokens, graphdef=graphdef):
-                # last-token logits only, as the official forward(tokens, None) returns
-                m = nnx.merge(graphdef, params)
-                h, state = m.hidden(tokens)
-                return m.head(h[:, -1]).astype(jnp.float32), state
-
-            @jax.jit
-            def step(params, tok, state, graphdef=graphdef):
-                m = nnx.merge(graphdef, params)
-                logits, state = m(tok[:, None], state)
-                logits = logits[:, -1]
-                return jnp.argmax(logits, axis=-1).astype(jnp.int32), state
-
-            logits0, state0 = prefill(params, prompt)
-            tok0 = jnp.argmax(logits0, axis=-1).astype(jnp.int32)
-            self.fns[variant] = (params, prefill, step, tok0, state0)
+            self.models[variant] = model
+            self.start[variant] = model(prompt, logits_to_keep=1)
         self.info = {"jax": jax.__version__, "backend": jax.default_backend(),
                      "rwkv_jax": os.path.dirname(rwkv_jax.__file__),
                      "devices": [str(d) for d in jax.devices()],
                      "XLA_FLAGS": os.environ.get("XLA_FLAGS", "")}
 
     def prefill(self, variant):
-        params, prefill, *_ = self.fns[variant]
-        logits, _ = prefill(params, self.tokens)
-        return self.jax.block_until_ready(logits)
+        logits, _ = self.models[variant](self.tokens, logits_to_keep=1)
+        return np.asarray(logits)[0, -1]  # the host copy waits for the result
 
     def decode(self, variant, steps=None):
-        params, _, step, tok, state = self.fns[variant]
-        toks = []
-        for _ in range(steps or self.n_decode):  # async dispatch: no host sync inside the loop
-            toks.append(tok)
-            tok, state = step(params, tok, state)
+        model = self.models[variant]
+        logits, state = self.start[variant]
+        out = []
+        for _ in range(steps or self.n_decode):
+            tok = int(np.argmax(np.asarray(logits)[0, -1]))
+            out.append(tok)
+            logits, state = model(np.asarray([[tok]], np.int32), state, logits_to_keep=1)
         self.jax.block_until_ready(state)
-        return toks
+        return out
 
     def check(self, variant):
-        return {"logits": np.asarray(self.prefill(variant), np.float32)[0].tolist(),
-                "decode": [int(t[0]) for t in self.decode(variant)]}
-
-    def ceiling(self, case):
-        """XLA's own rates on this core: see :data:`CEILINGS`."""
-        jax, jnp = self.jax, self.jax.numpy
-        if not hasattr(self, "_ceil"):
-            key = jax.random.PRNGKey(0)
-            mm = jax.jit(lambda a, b: jnp.einsum("ri,oi->ro", a, b))
-            mv = jax.jit(lambda a, b: jnp.einsum("oi,i->o", a, b))
-            self._ceil = {name: (mm if len(bs) == 2 else mv, jax.random.normal(key, a_s),
-                                 jax.random.normal(key, bs))
-                          for name, (_, a_s, bs, _) in CEILINGS.items()}
-            for f, a, b in self._ceil.values():
-                f(a, b).block_until_ready()
-        f, a, b = self._ceil[case]
-        out = [f(a, b) for _ in range(CEILING_CALLS)]
-        jax.block_until_ready(out)
+        return {"logits": np.asarray(self.prefill(variant), np.float32).tolist(),
+                "decode": self.decode(variant)}
 
 
 def worker_main(args) -> None:
-    """Serve JSON commands on stdin; replies go to the original stdout, all else to stderr."""
-    reply = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)  # library prints (and C-level output) must not corrupt the protocol
-    args.tokens = token_ids(args.prefill, args.vocab, args.seed)
-    args.prompt_tokens = token_ids(args.prompt, args.vocab, args.seed + 1)
+    """Serve the driver's requests (see :func:`_common.serve`)."""
+    args.tokens = _common.token_ids(args.prefill, args.vocab, args.seed)
+    args.prompt_tokens = _common.token_ids(args.prompt, args.vocab, args.seed + 1)
     args.variants = args.variants.split(",")
-    t0 = time.perf_counter()
-    runner = OfficialRunner(args) if args.worker == "official" else JaxRunner(args)
-    for v in args.variants:
-        for _ in range(args.warmup):
-            runner.prefill(v)
-            runner.decode(v, steps=8)  # compiles / lets TorchScript profile the step
-    info = {**runner.info, "setup_s": time.perf_counter() - t0, "env": _common.env_info()}
-    reply.write(json.dumps({"ready": True, "info": info}) + "\n")
-    reply.flush()
-    for line in sys.stdin:
-        cmd = json.loads(line)
-        fn = getattr(runner, cmd["op"])
-        if cmd["op"] == "check":
-            out = fn(cmd["variant"])
-        else:
-            arg = cmd["case"] if cmd["op"] == "ceiling" else cmd["variant"]
-            wall, cpu = _common.timed(lambda fn=fn, arg=arg: fn(arg))
-            out = {"wall": wall, "cpu": cpu}
-        reply.write(json.dumps(out) + "\n")
-        reply.flush()
+
+    def make():
+        runner = OfficialRunner(args) if args.worker == "official" else JaxRunner(args)
+        for v in args.variants:
+            for _ in range(args.warmup):
+                runner.prefill(v)
+                runner.decode(v, steps=8)  # compiles / lets TorchScript profile the step
+        return runner
+
+    _common.serve(make)
 
 
 # ---- driver -------------------------------------------------------------------------------
 def spawn(kind, variants, args, ckpt, V):
-    pin = [] if args.no_pin else ["taskset", "-c", ",".join(map(str, range(args.threads)))]
     python = args.official_python if kind == "official" else args.jax_python
-    cmd = pin + [python, os.path.abspath(__file__), "--worker", kind,
-                 "--variants", ",".join(variants), "--ckpt", ckpt, "--vocab", str(V),
-                 "--threads", str(args.threads), "--prefill", str(args.prefill),
-                 "--prompt", str(args.prompt), "--decode", str(args.decode),
-                 "--warmup", str(args.warmup), "--seed", str(args.seed)]
-    env = dict(os.environ)
-    if kind == "official":
-        env["RWKV_JIT_ON"], env["RWKV_CUDA_ON"] = "1", "0"
-    elif args.threads == 1:
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + XLA_ONE_THREAD).strip()
-    return _common.Worker(cmd, env)
+    argv = ["--variants", ",".join(variants), "--ckpt", ckpt, "--vocab", str(V),
+            "--prefill", str(args.prefill), "--prompt", str(args.prompt),
+            "--decode", str(args.decode), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    return _common.spawn_worker(__file__, python, kind, argv, threads=args.threads,
+                                pin=not args.no_pin)
+
+
+TARGETS = {("fp32", "prefill"): 1.1, ("bf16w", "prefill"): 3.0}
+
+
+def print_bounds(results, ceilings, L, C, V, args) -> dict:
+    """What each rwkv_jax number reaches of its ceiling measured in this run: prefill as
+    GFLOP/s of the block matmuls (2 x 13·L·C² FLOP per token; the head runs for the last
+    token only) against XLA's fp32 GEMM, decode as weight bytes streamed per second (blocks +
+    head, once per token) against XLA's gemv of the head."""
+    n_block = 13 * L * C * C
+    out, lines = {}, []
+    for v, r in results.items():
+        if v == "official" or v not in JAX_VARIANTS:
+            continue
+        width = 2 if JAX_VARIANTS[v].get("param_dtype") == "bfloat16" else 4
+        gflops = r["prefill"]["tokens_per_s"] * 2 * n_block / 1e9
+        gbs = r["decode"]["tokens_per_s"] * width * (n_block + V * C) / 1e9
+        out[v] = {"prefill_gflop_per_s": gflops, "decode_weight_gb_per_s": gbs}
+        gemm, gemv = ceilings.get("jax:gemm"), ceilings.get("jax:gemv")
+        pre = f"prefill {gflops:.0f} GFLOP/s" + (f" ({gflops / gemm:.0%} of XLA's fp32 GEMM)"
+                                                 if gemm else "")
+        dec = f"decode streams {gbs:.1f} GB/s of weights" + (
+            f" ({gbs / gemv:.0%} of the gemv ceiling)" if gemv else "")
+        lines.append(f"* {LABELS[v]}: {pre}; {dec}")
+    for (v, op), target in TARGETS.items():
+        got = results.get(v, {}).get("vs_official", {}).get(op)
+        if got is not None:
+            lines.append(f"* target {LABELS[v]} {op} >= {target}x official: {got:.2f}x "
+                         f"({'met' if got >= target else 'not met'})")
+    if lines:
+        print("\nBounds (same run):\n" + "\n".join(lines))
+    return out
 
 
 def compare(ref, out):
@@ -340,7 +231,7 @@ def main(argv=None):
                    help="stop repeating a case once its timed calls add up to this")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache-dir", default=os.path.join(tempfile.gettempdir(), "rwkv_jax_bench"))
-    p.add_argument("--official-python", default=OFFICIAL_PYTHON)
+    p.add_argument("--official-python", default=_common.OFFICIAL_PYTHON)
     p.add_argument("--jax-python", default=sys.executable)
     p.add_argument("--no-pin", action="store_true", help="do not taskset the workers")
     p.add_argument("--no-ceilings", action="store_true",
@@ -362,7 +253,8 @@ def main(argv=None):
         p.error(f"unknown --impls {sorted(unknown)}; valid: {', '.join(LABELS)}")
     if args.threads > (os.cpu_count() or 1):
         p.error(f"--threads {args.threads} > {os.cpu_count()} CPUs")
-    ckpt = checkpoint_path(args.cache_dir, L, C, V, args.seed)
+    env = _common.env_info()  # load average at the start
+    ckpt = _common.checkpoint_path(args.cache_dir, L, C, V, args.seed)
 
     workers = {}
     if "official" in impls:
@@ -376,7 +268,8 @@ def main(argv=None):
         w.info = w.recv()["info"]
     print(f"workers ready after {time.perf_counter() - t_start:.0f} s", file=sys.stderr)
 
-    checks = {v: workers[owner[v]].request(op="check", variant=v) for v in impls}
+    checks = {v: workers[owner[v]].request(op="check", args={"variant": v})["result"]
+              for v in impls}
     runs = {(v, op): [] for v in impls for op in ("prefill", "decode")}
     order = list(impls)
     for r in range(args.repeats):
@@ -384,7 +277,7 @@ def main(argv=None):
             for op in ("prefill", "decode"):
                 if sum(w for w, _ in runs[(v, op)]) > args.max_op_seconds:
                     continue  # a very slow case gets fewer repeats (see the "reps" column)
-                out = workers[owner[v]].request(op=op, variant=v)
+                out = workers[owner[v]].request(op=op, args={"variant": v}, timed=True)
                 runs[(v, op)].append((out["wall"], out["cpu"]))
         order = order[1:] + order[:1]  # rotate: no implementation always runs first
         print(f"round {r + 1}/{args.repeats} done at {time.perf_counter() - t_start:.0f} s",
@@ -394,7 +287,7 @@ def main(argv=None):
         for _ in range(args.repeats):
             for name, w in workers.items():
                 for case in CEILINGS:
-                    out = w.request(op="ceiling", case=case)
+                    out = w.request(op="ceiling", args={"case": case}, timed=True)
                     ceil[(name, case)].append((out["wall"], out["cpu"]))
     for w in workers.values():
         w.close()
@@ -415,7 +308,6 @@ def main(argv=None):
             results[v]["vs_official"] = {op: results[v][op]["tokens_per_s"]
                                          / results["official"][op]["tokens_per_s"] for op in n_tok}
 
-    env = _common.env_info()
     print(f"RWKV-4 L{L} C{C} V{V} (F={4 * C}), batch 1, random weights; threads={args.threads}"
           f"{'' if args.no_pin else ' (taskset -c ' + ','.join(map(str, range(args.threads))) + ')'}")
     print(_common.format_env(env))
@@ -450,19 +342,21 @@ def main(argv=None):
         rows = []
         for name in workers:
             lib = "torch" if name == "official" else "XLA"
-            for case, (desc, _, _, work) in CEILINGS.items():
+            for case, (desc, _, _, _, unit) in CEILINGS.items():
                 s_ = _common.summarize(ceil[(name, case)])
-                rate = work * CEILING_CALLS / s_["min_s"] / 1e9
+                rate = _common.ceiling_rate(case, ceil[(name, case)])
                 ceilings[f"{name}:{case}"] = rate
-                rows.append([f"{lib}: {desc}", f"{rate:.1f}", f"{s_['cpu_util']:.2f}"])
+                rows.append([f"{lib}: {desc}, {unit}", f"{rate:.1f}", f"{s_['cpu_util']:.2f}"])
         print("\nCeilings, each library on this core in this run (best of the repeats):\n")
         print(_common.markdown_table(["what", "rate", "cpu util"], rows))
         if "official" in workers and "jax" in workers:
             print(f"\nXLA/torch: fp32 GEMM "
                   f"{ceilings['jax:gemm'] / ceilings['official:gemm']:.2f}x, fp32 weight "
                   f"streaming {ceilings['jax:gemv'] / ceilings['official:gemv']:.2f}x")
+    bounds = print_bounds(results, ceilings, L, C, V, args)
+    print(_common.load_line("load average at the end"))
     if args.json:
-        _common.write_json(args.json, {"ceilings": ceilings,
+        _common.write_json(args.json, {"ceilings": ceilings, "bounds": bounds,
             "shape": {"L": L, "C": C, "V": V}, "args": vars(args), "env": env,
             "workers": {k: {"cmd": w.cmd, "info": w.info} for k, w in workers.items()},
             "results": results})

@@ -14,7 +14,12 @@ LayerNorm/GroupNorm statistics, token-shift mixing, WKV and the residual stream 
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
+import ctypes
+import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,41 +33,205 @@ F32 = jnp.float32
 
 
 def host_rng(rngs: nnx.Rngs) -> np.random.Generator | None:
-    """A numpy generator seeded from the next ``params`` key of ``rngs``.
+    """A host generator seeded from the next ``params`` key of ``rngs`` (None when tracing).
 
-    Initialisation runs on the host in numpy: eager JAX would compile every distinct
-    init op, which costs seconds for a model that then never runs those ops again.
+    The key is taken (the stream advances) whether or not the caller then draws anything,
+    so a gain-0 matrix never shifts the weights that follow. Under ``nnx.eval_shape`` the key
+    is a tracer: None tells the initialisers to return zeros and do no random work at all.
+
+    Why the host: float32 normals from numpy's SFC64 cost ~10 ns each on this CPU against
+    ~30 ns for XLA:CPU's threefry, and a 0.1B model draws ~150M numbers. The arithmetic on
+    them (:func:`orthogonal`'s factorisation) runs jitted in XLA.
     """
     data = jax.random.key_data(rngs.params())
-    if isinstance(data, jax.core.Tracer):  # under nnx.eval_shape only shapes matter:
-        return None                         # initialisers then skip the random draws
-
-    return np.random.default_rng(np.asarray(data).ravel())
-
-
-_qr_jit = jax.jit(jnp.linalg.qr)
+    if isinstance(data, jax.core.Tracer):
+        return None
+    return np.random.Generator(np.random.SFC64(np.asarray(data).ravel()))
 
 
 def uniform(rng: np.random.Generator | None, shape, scale: float, dtype) -> jax.Array:
-    """U(-scale, scale) drawn on the host (zeros under ``nnx.eval_shape``)."""
+    """U(-scale, scale) (torch ``uniform_``), drawn in float32 on the host; zeros when
+    ``rng`` is None (building under ``nnx.eval_shape``)."""
     if rng is None:
         return jnp.zeros(shape, dtype)
-    return jnp.asarray(rng.uniform(-scale, scale, shape).astype(np.float32), dtype)
+    x = _draw(rng, tuple(shape), normal=False)  # [0, 1)
+    x *= np.float32(2 * scale)
+    x -= np.float32(scale)
+    return _to_device(x, dtype)
 
 
 def orthogonal(rng: np.random.Generator | None, shape: tuple[int, int], gain: float,
                dtype) -> jax.Array:
-    """Orthogonal init of a ``[out, in]`` matrix scaled by ``gain`` (torch ``orthogonal_``)."""
+    """A ``[out, in]`` matrix with torch ``orthogonal_(gain)`` semantics.
+
+    ``gain·Q``, Q the orthogonal factor (with diag(R) > 0) of a standard normal matrix:
+    rows orthonormal when out < in, columns when out >= in (``W Wᵀ`` resp. ``Wᵀ W`` is
+    ``gain²·I``). Gain 0 gives exact zeros and draws nothing; ``rng`` None (building under
+    ``nnx.eval_shape``) gives zeros.
+
+    How, for A [m, n] (m >= n) drawn in float32 on the host: small matrices take numpy's
+    Householder QR on the host (no compile); tall ones Cholesky QR (:func:`_cholesky_is_exact`):
+    the Gram matrix AᵀA and the final ``A·L⁻ᵀ`` are matmuls on the device, the n x n Cholesky
+    factor and its inverse float64 on the host; large near-square ones Householder QR on the
+    device. Each device program is compiled once per shape (gain is an operand).
+    """
     if gain == 0 or rng is None:
         return jnp.zeros(shape, dtype)
-    rows, cols = shape
-    a = rng.standard_normal((rows, cols) if rows >= cols else (cols, rows)).astype(np.float32)
-    # LAPACK through XLA is ~2x numpy's here for big matrices; small ones skip the compile
-    q, r = _qr_jit(a) if a.size > (1 << 20) else np.linalg.qr(a)
-    q, r = np.asarray(q), np.asarray(r)
-    q = q * np.sign(np.diag(r))[None, :]
-    q = q if rows >= cols else q.T
-    return jnp.asarray((gain * q).astype(np.float32), dtype)
+    rows, cols = (int(d) for d in shape)
+    m, n = max(rows, cols), min(rows, cols)
+    transpose, dtype = rows < cols, jnp.dtype(dtype)
+    a = _draw(rng, (m, n), normal=True)
+    with _one_lapack_thread():
+        if m * n <= _HOST_QR_SIZE:
+            q, r = np.linalg.qr(a)
+            q *= np.where(np.diagonal(r) < 0, np.float32(-gain), np.float32(gain))
+            return _to_device(q.T if transpose else q, dtype)
+        a = _to_device(a, np.float32)
+        if _cholesky_is_exact(m, n):
+            lower = np.linalg.cholesky(np.asarray(_gram(a), np.float64))  # AᵀA = L·Lᵀ, R = Lᵀ
+            l_inv = (gain * np.linalg.inv(lower)).astype(np.float32)
+            w = _times_l_inv(a, l_inv, transpose=transpose, dtype=dtype)
+        else:
+            w = _householder(a, np.float32(gain), transpose=transpose, dtype=dtype)
+        return w.block_until_ready()  # LAPACK runs now, inside the thread limit
+
+
+# Householder QR on the host below this many elements (~10 ms here): small matrices skip a
+# device compile (~0.3 s of CPU for a QR program), which dominates a tiny model's build.
+_HOST_QR_SIZE = 1 << 18
+_HIGHEST = jax.lax.Precision.HIGHEST  # exact float32 matmuls on accelerators (no TF32/bf16)
+
+
+def _cholesky_is_exact(m: int, n: int) -> bool:
+    """Whether Cholesky QR is as good as Householder QR for an m x n (m >= n) normal matrix.
+
+    Cholesky QR (R from the Gram matrix AᵀA, Q = A·R⁻¹) is two matmuls, several times faster
+    here than LAPACK's Householder QR, and its orthogonality error is ~eps·cond(A)². For a
+    Gaussian matrix, P(σ_max > √m+√n+t) and P(σ_min < √m-√n-t) are each <= exp(-t²/2)
+    (Davidson-Szarek): with t = 8 (failure < 3e-14) we require the resulting bound on
+    cond(A) to stay <= 10 (error < 1e-5). Near-square or small matrices fail it.
+    """
+    gap = math.sqrt(m) - math.sqrt(n) - 8.0
+    return gap > 0 and (math.sqrt(m) + math.sqrt(n) + 8.0) / gap <= 10.0
+
+
+@jax.jit
+def _gram(a: jax.Array) -> jax.Array:
+    return jnp.matmul(a.T, a, precision=_HIGHEST)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _times_l_inv(a: jax.Array, l_inv: jax.Array, *, transpose: bool, dtype) -> jax.Array:
+    """Q = A·L⁻ᵀ, or Qᵀ = L⁻¹·Aᵀ if ``transpose``, in ``dtype`` (``l_inv`` carries the gain)."""
+    q = jnp.matmul(l_inv, a.T, precision=_HIGHEST) if transpose else \
+        jnp.matmul(a, l_inv.T, precision=_HIGHEST)
+    return q.astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("transpose", "dtype"))
+def _householder(a: jax.Array, gain: jax.Array, *, transpose: bool, dtype) -> jax.Array:
+    """gain·Q (or its transpose) from Householder QR of a [m, n], with diag(R) > 0."""
+    q, r = jnp.linalg.qr(a)
+    q = q * jnp.where(jnp.diagonal(r) < 0, -gain, gain).astype(q.dtype)[None, :]
+    return (q.T if transpose else q).astype(dtype)
+
+
+# Draws larger than one block are filled block by block, each block from its own child
+# generator (``Generator.spawn``), on a thread per core: numpy releases the GIL while it
+# fills, and the result does not depend on the number of threads.
+_DRAW_BLOCK = 1 << 20
+_ALIGN = 64  # XLA:CPU takes a 64-byte aligned host buffer without copying it
+
+
+def _draw(rng: np.random.Generator, shape: tuple[int, ...], *, normal: bool) -> np.ndarray:
+    """A float32 array of ``shape``, standard normal or U[0, 1), in an aligned buffer."""
+    size = math.prod(shape)
+    raw = np.empty(size * 4 + _ALIGN, np.uint8)
+    offset = (-raw.ctypes.data) % _ALIGN
+    out = raw[offset:offset + size * 4].view(np.float32)
+
+    def fill(g: np.random.Generator, part: np.ndarray) -> None:
+        if normal:
+            g.standard_normal(dtype=np.float32, out=part)
+        else:
+            g.random(dtype=np.float32, out=part)
+
+    if size <= _DRAW_BLOCK:
+        fill(rng, out)
+    else:
+        starts = range(0, size, _DRAW_BLOCK)
+        parts = [out[i:i + _DRAW_BLOCK] for i in starts]
+        list(_draw_pool().map(fill, rng.spawn(len(parts)), parts))
+    return out.reshape(shape)
+
+
+@functools.cache
+def _draw_pool() -> concurrent.futures.ThreadPoolExecutor:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return concurrent.futures.ThreadPoolExecutor(max(1, min(cores or 1, 8)),
+                                                 thread_name_prefix="rwkv-init")
+
+
+def _to_device(x: np.ndarray, dtype) -> jax.Array:
+    """``x`` as a device array of ``dtype``; on CPU a float32 ``x`` is aliased, not copied
+    (it must not be written afterwards)."""
+    try:
+        y = jax.device_put(x, may_alias=True)
+    except TypeError:  # a jax without ``may_alias``
+        y = jnp.asarray(x)
+    return y if y.dtype == jnp.dtype(dtype) else y.astype(dtype)
+
+
+# OpenBLAS, which jaxlib's CPU LAPACK calls (loaded through scipy), busy-waits for its worker
+# threads: on a loaded 2-core machine one 768 x 768 QR took 1.7 s of CPU with its default 2
+# threads against 0.05 s with one, and one thread is as fast on a quiet machine for the small
+# factorisations done here (the large matmuls are XLA's own).
+_OPENBLAS_THREADS = (("scipy_openblas_get_num_threads", "scipy_openblas_set_num_threads"),
+                     ("scipy_openblas_get_num_threads64_", "scipy_openblas_set_num_threads64_"),
+                     ("openblas_get_num_threads", "openblas_set_num_threads"),
+                     ("openblas_get_num_threads64_", "openblas_set_num_threads64_"))
+
+
+@contextlib.contextmanager
+def _one_lapack_thread():
+    """Limit every loaded OpenBLAS to one thread for the block (CPU backend, Linux only;
+    elsewhere a no-op); the previous counts are restored after it."""
+    saved = []
+    if jax.default_backend() == "cpu":
+        for get, set_ in _openblas_controls():
+            saved.append((set_, get()))
+            set_(1)
+    try:
+        yield
+    finally:
+        for set_, n in saved:
+            set_(n)
+
+
+@functools.cache
+def _openblas_controls() -> tuple:
+    """``(get_num_threads, set_num_threads)`` of each OpenBLAS in this process (jaxlib's is
+    loaded with scipy's LAPACK, imported here so that it is present before first use)."""
+    try:
+        import scipy.linalg.cython_lapack  # noqa: F401  (what jaxlib's LAPACK binds to)
+        with open("/proc/self/maps") as f:
+            paths = sorted({ln.split()[-1] for ln in f
+                            if "openblas" in ln.lower() and ".so" in ln.split()[-1]})
+    except (ImportError, OSError):
+        return ()
+    controls = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get, set_ in _OPENBLAS_THREADS:
+            if hasattr(lib, get) and hasattr(lib, set_):
+                getter, setter = getattr(lib, get), getattr(lib, set_)
+                getter.restype, setter.argtypes = ctypes.c_int, [ctypes.c_int]
+                controls.append((getter, setter))
+                break
+    return tuple(controls)
 
 
 def init_ratios(cfg: RWKVConfig, layer_id: int):
