@@ -229,6 +229,11 @@ def test_lock_refuses_a_second_holder_and_takes_over_a_stale_one(tmp_path):
     with run.lock() as held:
         assert held.previous["pid"] == dead
         assert json.loads((run / RunDir.LOCK).read_text())["pid"] == os.getpid()
+    # the flock, not the record, is what excludes: a live holder whose record reads as gone
+    with run.lock():
+        (run / RunDir.LOCK).write_text(json.dumps({"pid": dead, "host": socket.gethostname()}))
+        with pytest.raises(RunDirBusy, match=rf"process {dead} on host"):
+            run.lock()
     # a holder on another host cannot be checked from here: refused, naming it
     (run / RunDir.LOCK).write_text(json.dumps({"pid": 1, "host": "elsewhere-42"}))
     with pytest.raises(RunDirBusy, match="process 1 on host elsewhere-42 .*delete the lock"):
@@ -377,7 +382,7 @@ def test_changed_data_or_vocabulary_is_refused_in_one_line(tmp_path):
     Trainer(cfg).fit(stop_at=4)
     run = pathlib.Path(cfg.out_dir)
     recorded = json.loads((run / RunDir.DATA).read_text())
-    assert recorded["n_tokens"] > 0 and recorded["tokenizer"]["kind"] == "char"
+    assert recorded["n_tokens"] > 0 and recorded["tokenizer"]["type"] == "char"
     corpus = pathlib.Path(cfg.data.path)
     original = corpus.read_text()
     # new characters: the char vocabulary grows (was an orbax shape-mismatch traceback)

@@ -191,13 +191,18 @@ def _finite_or_none(v):
 class Checkpoint(Every):
     """Saves the state every ``every`` steps and at the end (all processes take part), with
     ``meta(step)`` and ``watch``'s verdict on the step's loss (the watch must come before
-    this hook in the loop's list, to have seen the step)."""
+    this hook in the loop's list, to have seen the step; None: every save counts as
+    healthy)."""
 
-    def __init__(self, checkpointer, every: int, meta: Callable[[int], dict], watch: LossWatch):
+    def __init__(self, checkpointer, every: int, meta: Callable[[int], dict],
+                 watch: LossWatch | None = None):
         super().__init__(every)
         self.checkpointer, self.meta, self.watch = checkpointer, meta, watch
 
     def __call__(self, step, state, record):
-        loss = record["train_loss"]
-        self.checkpointer.save(step, state, {**self.meta(step), **self.watch.summary(loss)},
+        loss, meta = record["train_loss"], self.meta(step)
+        if self.watch is None:
+            self.checkpointer.save(step, state, meta)
+            return
+        self.checkpointer.save(step, state, {**meta, **self.watch.summary(loss)},
                                healthy=self.watch.healthy(loss))
