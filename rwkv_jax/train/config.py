@@ -38,6 +38,7 @@ class DataConfig:
     sampler: str = "random"
     cache_dir: str | None = None
     max_bytes: int | None = 8_000_000
+    allow_changed: bool = False  # resume even though the data differs from data.json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +77,12 @@ class TrainConfig:
     log_every: int = 10
     sample_tokens: int = 200
     sample_prompt: str | None = None  # None: the start of the first validation window
+    # resume from this kept checkpoint (0: start over; later checkpoints are moved to
+    # checkpoints/rejected/); None: the latest healthy one that verifies
+    resume_from: int | None = None
+    # a checkpoint saved with a training loss above this is "diverged" (kept, not resumed
+    # from by default); None: max(10 x the best smoothed loss, ln(vocab) + 3)
+    divergence_threshold: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,10 @@ primary process gets the ones that write logs."""
 
 from __future__ import annotations
 
+import errno
 import json
+import math
+import os
 import pathlib
 import sys
 from collections.abc import Callable
@@ -12,6 +15,10 @@ from typing import Any
 
 from rwkv_jax.io.files import write_text_atomic
 from rwkv_jax.train.loop import Every
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
 class Evaluate(Every):
@@ -30,26 +37,54 @@ class MetricsFile(Every):
     """Appends each record (every ``every`` steps, the final one, and every other synced
     step) as one whole JSON line to ``metrics.jsonl``. On resume, lines after the resumed
     step are dropped first (they were written after the checkpoint the run continues from),
-    and a torn last line (an interrupted write) is dropped with a warning."""
+    and a torn last line (an interrupted write, a full disk) is dropped with a warning.
+
+    Whole lines only: each line is one ``write`` to a file opened for appending, and a short
+    write (a full disk) is cut back off before the error is raised, so the file never ends in
+    half a line that this process wrote."""
 
     every_sync = True
 
-    def __init__(self, path: pathlib.Path, every: int, resumed_step: int):
+    def __init__(self, path: pathlib.Path, every: int, resumed_step: int,
+                 warn: Callable[[str], None] = _warn):
         super().__init__(every)
         self.path = path
         if path.exists():
+            import warnings
+
             from rwkv_jax.data.jsonl import read_jsonl
-            kept = [line for _, line in read_jsonl(path, drop_torn_last=True)
-                    if isinstance(line, dict) and line.get("step", 0) <= resumed_step]
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                kept = [line for _, line in read_jsonl(path, drop_torn_last=True)
+                        if isinstance(line, dict) and line.get("step", 0) <= resumed_step]
+            for w in caught:
+                warn(str(w.message))
             _write_lines(path, kept)
-        self.f = open(path, "a", encoding="utf-8")
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                          | getattr(os, "O_CLOEXEC", 0), 0o644)
 
     def __call__(self, step, state, record):
-        self.f.write(json.dumps(record) + "\n")  # one write per line: whole lines only
-        self.f.flush()
+        self.write_line((json.dumps(record) + "\n").encode("utf-8"))
+
+    def write_line(self, data: bytes) -> None:
+        """Append ``data`` (one line) whole, or not at all (OSError naming the file)."""
+        size = os.fstat(self.fd).st_size
+        try:
+            n = os.write(self.fd, data)
+            if n != len(data):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass
+            raise OSError(e.errno, f"cannot append to the metrics file: "
+                                   f"{e.strerror or e}", str(self.path)) from None
 
     def close(self):
-        self.f.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 def _write_lines(path: pathlib.Path, records: list[dict]) -> None:
@@ -104,12 +139,70 @@ class TensorBoard(Every):
         self.writer.close()
 
 
-class Checkpoint(Every):
-    """Saves the state every ``every`` steps and at the end (all processes take part)."""
+class LossWatch(Every):
+    """Follows the training loss to tell a healthy checkpoint from one saved after the run
+    diverged.
 
-    def __init__(self, checkpointer, every: int, meta: Callable[[int], dict]):
-        super().__init__(every)
-        self.checkpointer, self.meta = checkpointer, meta
+    A loss is healthy when it is finite and at most the divergence threshold: ``threshold``
+    when given, else ``max(10 x the best smoothed loss so far, ln(vocab_size) + 3)`` (ln V is
+    what a uniform guess scores, so no sane run exceeds it by 3 nats; 10x the best means the
+    run has blown up). The smoothed loss is an exponential moving average (weight 0.1) of the
+    training loss at every synced step. ``resumed``: the :meth:`summary` saved with the
+    checkpoint a run resumes from (the average continues)."""
+
+    every_sync = True
+    FACTOR, MARGIN, WEIGHT = 10.0, 3.0, 0.1
+
+    def __init__(self, vocab_size: int, threshold: float | None = None,
+                 resumed: dict | None = None):
+        super().__init__(0, at_end=False)
+        self.floor = math.log(max(vocab_size, 2)) + self.MARGIN
+        self.fixed = threshold
+        r = resumed or {}
+        self.smoothed = _finite_or_none(r.get("smoothed_loss"))
+        self.best = _finite_or_none(r.get("best_smoothed_loss"))
 
     def __call__(self, step, state, record):
-        self.checkpointer.save(step, state, self.meta(step))
+        loss = record.get("train_loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        self.smoothed = loss if self.smoothed is None else (
+            self.smoothed + self.WEIGHT * (loss - self.smoothed))
+        self.best = self.smoothed if self.best is None else min(self.best, self.smoothed)
+
+    def threshold(self) -> float:
+        if self.fixed is not None:
+            return self.fixed
+        return max(self.FACTOR * self.best, self.floor) if self.best is not None else self.floor
+
+    def healthy(self, loss: float) -> bool:
+        return math.isfinite(loss) and loss <= self.threshold()
+
+    def summary(self, loss: float) -> dict[str, Any]:
+        """What a checkpoint records: its loss, the average, the best, the threshold."""
+        return {"train_loss": loss, "smoothed_loss": self.smoothed,
+                "best_smoothed_loss": self.best, "divergence_threshold": self.threshold()}
+
+
+def _finite_or_none(v):
+    return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+
+class Checkpoint(Every):
+    """Saves the state every ``every`` steps and at the end (all processes take part), with
+    ``meta(step)`` and ``watch``'s verdict on the step's loss (the watch must come before
+    this hook in the loop's list, to have seen the step; None: every save counts as
+    healthy)."""
+
+    def __init__(self, checkpointer, every: int, meta: Callable[[int], dict],
+                 watch: LossWatch | None = None):
+        super().__init__(every)
+        self.checkpointer, self.meta, self.watch = checkpointer, meta, watch
+
+    def __call__(self, step, state, record):
+        loss, meta = record["train_loss"], self.meta(step)
+        if self.watch is None:
+            self.checkpointer.save(step, state, meta)
+            return
+        self.checkpointer.save(step, state, {**meta, **self.watch.summary(loss)},
+                               healthy=self.watch.healthy(loss))

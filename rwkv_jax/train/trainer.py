@@ -5,8 +5,11 @@
 the mesh and shardings live in :mod:`rwkv_jax.train.mesh`, checkpoints in
 :mod:`rwkv_jax.train.checkpoints`, the run directory's layout in :class:`rwkv_jax.RunDir`.
 
-Re-running with the same ``out_dir`` resumes from the latest complete checkpoint; batches
-depend only on (seed, step), so the losses continue exactly. Several processes (hosts; see
+Re-running with the same ``out_dir`` resumes from the latest checkpoint that verifies and
+was saved with a healthy loss (``train.resume_from`` picks another); batches depend only on
+(seed, step), so the losses continue exactly. One run at a time holds a directory (its lock);
+a resume refuses changed data (``data.json``; ``data.allow_changed``), a changed vocabulary
+or model, and falls back past corrupt checkpoints (moved to ``checkpoints/rejected/``). Several processes (hosts; see
 :mod:`rwkv_jax.train.distributed`) run one job over a mesh of all their devices: each
 process samples only its own rows of the (seed, step) batch, so the global batch, and the
 losses, are the single-process ones. Every process takes part in each step, evaluation and
@@ -24,12 +27,14 @@ import jax
 import numpy as np
 from flax import nnx
 
+from rwkv_jax.config import ConfigError
+from rwkv_jax.io.errors import CheckpointError
 from rwkv_jax.model.functional import tree_names
 from rwkv_jax.model.lm import RWKV
-from rwkv_jax.rundir import RunDir
+from rwkv_jax.rundir import RunDir, RunDirBusy, RunLock
 from rwkv_jax.train import hooks as hooks_lib
 from rwkv_jax.train import loop, optim
-from rwkv_jax.train.checkpoints import Checkpointer
+from rwkv_jax.train.checkpoints import CheckpointCorrupt, Checkpointer
 from rwkv_jax.train.config import RunConfig, dump_config
 from rwkv_jax.train.mesh import (
     Topology,
@@ -43,7 +48,13 @@ from rwkv_jax.train.step import Batch, StepSpec, compile_train_step
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient became non-finite; the last complete checkpoint is intact."""
+    """The loss or gradient became non-finite; the message names the last healthy
+    checkpoint (the one a rerun resumes from)."""
+
+
+class ResumeError(CheckpointError):
+    """The run directory cannot be resumed as configured: its data, vocabulary or model
+    changed, or no kept checkpoint verifies; the message says which and what to do."""
 
 
 def _log(msg: str) -> None:
@@ -58,6 +69,7 @@ class Batches:
     val: Any
     tokenizer: Any
     cfg: RunConfig
+    source: Any = None   # the TokenSource as opened (before the split): its fingerprint
 
     @property
     def train_tokens(self):
@@ -102,7 +114,7 @@ def build_batches(cfg: RunConfig) -> Batches:
     source = data.open_tokens(d.path, tokenizer=d.tokenizer, cache_dir=d.cache_dir,
                               max_bytes=d.max_bytes)
     split = data.split_source(source, d.val_fraction, ctx_len=d.ctx_len)
-    return Batches(split.train, split.val, source.tokenizer, cfg)
+    return Batches(split.train, split.val, source.tokenizer, cfg, source)
 
 
 class Trainer:
@@ -193,25 +205,168 @@ class Trainer:
         return {"val_loss": res.loss, "val_bpb": res.bits_per_byte}
 
     # ---- checkpoints ---------------------------------------------------------------------------
-    def restore_latest(self) -> bool:
-        """Restore the latest complete checkpoint; False when there is none."""
-        latest = self.checkpointer.latest_step()
-        if latest is None:
+    def restore_latest(self, resume_from: int | None = None, log=None) -> bool:
+        """Restore the checkpoint a rerun continues from; False when there is none (a fresh
+        start).
+
+        ``resume_from`` None: the newest checkpoint saved with a healthy loss that verifies
+        (:meth:`Checkpointer.restore`); each newer one (corrupt, or saved after the loss
+        diverged) is moved to ``checkpoints/rejected/`` with a warning. A step: that kept
+        checkpoint, verified (no fallback), newer ones moved aside. 0: start over, every
+        checkpoint moved aside. Raises :class:`ResumeError` when nothing can be resumed from
+        or the checkpoint does not fit this run's model."""
+        log = log or (lambda msg: None)
+        ck = self.checkpointer
+        steps = ck.steps()
+        if resume_from is not None and resume_from < 0:
+            raise ConfigError(f"train.resume_from: must be >= 0 (0 starts over), got {resume_from}")
+        if resume_from is not None and resume_from != 0 and resume_from not in steps:
+            raise ResumeError(f"train.resume_from={resume_from}: {ck.directory} holds no such "
+                              f"checkpoint; kept steps: {_steps(steps)}")
+        if not steps:
             return False
-        self.state = self.checkpointer.restore(latest, self.state)
-        self.step = int(latest)
+        if resume_from == 0:
+            for s in steps:
+                ck.reject(s, "start-over")
+            log(f"train.resume_from=0: starting over; checkpoint{'s' * (len(steps) > 1)} "
+                f"{_steps(steps)} moved to "
+                f"{ck.directory / 'rejected'}")
+            return False
+        skipped: list[tuple[int, str]] = []
+        chosen = None
+        for s in ([resume_from] if resume_from is not None else reversed(steps)):
+            if resume_from is None and not ck.is_healthy(s):
+                skipped.append((s, "diverged"))
+                log(f"warning: checkpoint step {s} was saved after the loss diverged "
+                    f"({_loss_note(ck.meta(s))}); skipping it (train.resume_from={s} resumes "
+                    f"from it anyway)")
+                continue
+            self._check_fits(s)
+            try:
+                self.state = ck.restore(s, self.state)
+            except CheckpointCorrupt as e:
+                if resume_from is not None:
+                    raise ResumeError(f"train.resume_from={s}: {e}") from None
+                skipped.append((s, "corrupt"))
+                log(f"warning: {e}; falling back to the previous checkpoint")
+                continue
+            chosen = s
+            break
+        if chosen is None:
+            raise ResumeError(_nothing_to_resume(ck, skipped))
+        later = [(s, "corrupt" if (s, "corrupt") in skipped else
+                  "diverged" if (s, "diverged") in skipped else "after-resume-from")
+                 for s in steps if s > chosen]
+        for s, why in later:
+            ck.reject(s, why)
+        if later:
+            log(f"checkpoint{'s' * (len(later) > 1)} {_steps([s for s, _ in later])} moved to "
+                f"{ck.directory / 'rejected'} (this run continues from step {chosen})")
+        self.step = int(chosen)
         return True
+
+    def _check_fits(self, step: int) -> None:
+        """ResumeError when checkpoint ``step`` was saved for another vocabulary or model."""
+        ck = self.checkpointer
+        saved = (ck.meta(step) or {}).get("model")
+        now = self.model_cfg.to_dict()
+        where = f"checkpoint step {step} in {ck.directory}"
+        if isinstance(saved, dict) and saved.get("vocab_size") != now["vocab_size"]:
+            raise ResumeError(
+                f"the vocabulary changed: {where} has {saved.get('vocab_size')} tokens, this "
+                f"run's tokenizer ({self.cfg.data.tokenizer!r}) has {now['vocab_size']}"
+                + (" (a char vocabulary is built from the text, so the text changed)"
+                   if self.cfg.data.tokenizer == "char" else "")
+                + "; resume with the data it was trained on, or train in a new out_dir")
+        why = ck.mismatch(step, self.state)
+        if why is not None:
+            changed = [f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
+                       if isinstance(saved, dict) and saved.get(k) != now.get(k)]
+            raise ResumeError(
+                f"{where} does not fit this run's model: {why}"
+                + (f" (model config changed: {', '.join(changed)})" if changed else "")
+                + "; resume with the config it was saved with, or train in a new out_dir")
+
+    def _data_fingerprint(self) -> dict | None:
+        from rwkv_jax.data.fingerprint import fingerprint
+        from rwkv_jax.data.formats import TokenSource
+        src = self.batches.source if self.batches.source is not None else self.batches.train
+        return fingerprint(src) if isinstance(src, TokenSource) else None
+
+    def _check_data(self, current: dict | None, log) -> None:
+        """Compare the data with the run's data.json (recording it when absent); ResumeError
+        on changed content unless ``data.allow_changed``."""
+        if current is None:
+            return
+        from rwkv_jax.data.fingerprint import CONTENT_KEYS, fingerprint_diff
+        recorded = self.run_dir.read_data_fingerprint()
+        diff = {} if recorded is None else fingerprint_diff(recorded, current)
+        content = {k: v for k, v in diff.items() if k in CONTENT_KEYS}
+        if content:
+            what = ", ".join(_change(k, a, b) for k, (a, b) in content.items())
+            if not self.cfg.data.allow_changed:
+                raise ResumeError(
+                    f"the training data changed since this run started ({what}; recorded in "
+                    f"{self.run_dir / RunDir.DATA}); resume with data.allow_changed=true to "
+                    f"train on the new data, or train in a new out_dir")
+            log(f"warning: the training data changed since this run started ({what}); "
+                f"continuing on the new data (data.allow_changed=true)")
+        if (recorded is None or diff) and self.primary:
+            self.run_dir.write_data_fingerprint(current)
+
+    def _lock(self, log) -> RunLock | None:
+        """Process 0 takes the run directory's lock; every process learns whether it did."""
+        lock, busy = None, None
+        if self.primary:
+            try:
+                lock = self.run_dir.lock()
+            except RunDirBusy as e:
+                busy = e
+        if self.topology.process_count > 1:
+            from jax.experimental import multihost_utils
+            ok = bool(multihost_utils.broadcast_one_to_all(np.int32(busy is None)))
+            if not ok and busy is None:
+                busy = RunDirBusy(f"{self.out}: another training run is using this directory "
+                                  "(process 0 could not take its lock)")
+        if busy is not None:
+            raise busy
+        if lock is not None and lock.previous:
+            p = lock.previous
+            log(f"took over the lock of process {p.get('pid')} on {p.get('host')}, which is no "
+                f"longer running")
+        return lock
 
     # ---- the run -------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to ``train.max_steps`` (or pause after step ``stop_at``, as an interruption
-        would: the schedule still spans max_steps). Returns the last logged metrics."""
-        cfg, t = self.cfg, self.cfg.train
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.primary:
-            dump_config(cfg, self.run_dir / RunDir.RUN_CONFIG)
-        resumed = self.restore_latest()
+        would: the schedule still spans max_steps). Returns the last logged metrics.
+
+        Holds the run directory's lock throughout (released on any exit). Raises
+        :class:`~rwkv_jax.rundir.RunDirBusy`, :class:`ResumeError`, :class:`TrainingDiverged`
+        or :class:`~rwkv_jax.train.checkpoints.CheckpointSaveError`."""
         log = _log if self.primary else (lambda msg: None)
+        self.out.mkdir(parents=True, exist_ok=True)
+        lock = self._lock(log)
+        try:
+            return self._fit(stop_at, log)
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _fit(self, stop_at: int | None, log) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.train
+        data_fp = self._data_fingerprint()
+        steps = self.checkpointer.steps()
+        if steps and t.resume_from != 0:  # a resume: the vocabulary first, then the data
+            target = t.resume_from if t.resume_from in steps else steps[-1]
+            self._check_fits(target)
+            self._check_data(data_fp, log)
+        resumed = self.restore_latest(t.resume_from, log)
+        if not resumed and data_fp is not None and self.primary:
+            self.run_dir.write_data_fingerprint(data_fp)
+        if self.primary:  # resume_from is a one-off: a rerun of config.yaml must not repeat it
+            dump_config(dataclasses.replace(cfg, train=dataclasses.replace(t, resume_from=None)),
+                        self.run_dir / RunDir.RUN_CONFIG)
         mc, topo = self.model_cfg, self.topology
         mesh = topo.mesh.shape
         log(f"rwkv-jax train: RWKV-{mc.version} L{mc.n_layer} C{mc.n_embd} V{mc.vocab_size}, "
@@ -226,27 +381,28 @@ class Trainer:
                 f"{bytes_per_device(self.state.opt_state) / 2**20:.1f} MiB optimizer state")
         stop = min(t.max_steps, stop_at or t.max_steps)
         metrics = _LastRecord()
-        run_hooks: list = [hooks_lib.Evaluate(t.eval_every, self.evaluate), metrics]
+        watch = hooks_lib.LossWatch(mc.vocab_size, t.divergence_threshold,
+                                    self.checkpointer.meta(self.step) if resumed else None)
+        run_hooks: list = [hooks_lib.Evaluate(t.eval_every, self.evaluate), metrics, watch]
         if self.primary:
             run_hooks.append(hooks_lib.MetricsFile(self.run_dir / RunDir.METRICS, t.log_every,
-                                                   self.step))
+                                                   self.step, warn=lambda m: log(f"warning: {m}")))
             if cfg.logging.tensorboard:
                 run_hooks.append(hooks_lib.TensorBoard(self.run_dir / "tensorboard"))
             if cfg.logging.progress:
                 run_hooks.append(hooks_lib.Progress(t.max_steps, self.step))
+        model_dict = mc.to_dict()
         run_hooks.append(hooks_lib.Checkpoint(
             self.checkpointer, cfg.checkpoint.every,
-            lambda step: {"step": step, "n_params": self.n_params}))
+            lambda step: {"step": step, "n_params": self.n_params, "model": model_dict}, watch))
         tokens_per_step = t.batch_size * t.grad_accum * cfg.data.ctx_len
         try:
             self.state = loop.run(self.state, start=self.step, stop=stop, final=t.max_steps,
                                   batch_fn=self.global_batch, step_fn=self.train_step,
                                   hooks=run_hooks, tokens_per_step=tokens_per_step)
         except loop.Diverged as e:
-            raise TrainingDiverged(
-                f"{e}; stopped. The last complete checkpoint in {self.run_dir / 'checkpoints'} "
-                f"(step {self.checkpointer.latest_step()}) is intact; lower optimizer.lr or "
-                f"check the data.") from None
+            raise TrainingDiverged(f"{e}; stopped. {_after_divergence(self.checkpointer)}") \
+                from None
         self.step = stop
         last = metrics.record
         if self.step < t.max_steps:
@@ -260,6 +416,58 @@ class Trainer:
     def export(self) -> list[str]:
         """Write model.safetensors + config.json + tokenizer.json for :func:`rwkv_jax.load`."""
         return self.run_dir.write_model(self.host_model(), self.batches.tokenizer)
+
+
+def _steps(steps) -> str:
+    return ", ".join(str(s) for s in steps) or "none"
+
+
+def _loss_note(meta: dict | None, threshold: bool = True) -> str:
+    m = meta or {}
+    loss, thr = m.get("train_loss"), m.get("divergence_threshold")
+    if not isinstance(loss, (int, float)):
+        return "loss not recorded"
+    return f"train loss {loss:.4g}" + (f" > threshold {thr:.4g}"
+                                       if threshold and isinstance(thr, (int, float)) else "")
+
+
+def _change(key: str, old, new) -> str:
+    if isinstance(old, (int, float, str, type(None))) and isinstance(new, (int, float, str,
+                                                                           type(None))):
+        short = lambda v: v[:12] if isinstance(v, str) else v  # sha256 heads
+        return f"{key} {short(old)} -> {short(new)}"
+    return key
+
+
+def _nothing_to_resume(ck: Checkpointer, skipped: list[tuple[int, str]]) -> str:
+    parts = [f"step {s} " + ("does not verify" if why == "corrupt" else
+                             f"was saved after the loss diverged ({_loss_note(ck.meta(s))})")
+             for s, why in skipped]
+    diverged = [s for s, why in skipped if why == "diverged"]
+    return (f"no checkpoint in {ck.directory} can be resumed from ({'; '.join(parts)}); start "
+            f"over with train.resume_from=0"
+            + (f", or resume a diverged one anyway with train.resume_from={diverged[0]}"
+               if diverged else ""))
+
+
+def _after_divergence(ck: Checkpointer) -> str:
+    """What a diverged run leaves: the checkpoint a rerun resumes from, named truthfully."""
+    steps = ck.steps()
+    healthy = [s for s in steps if ck.is_healthy(s)]
+    later = [s for s in steps if s not in healthy and (not healthy or s > healthy[-1])]
+    many = len(later) > 1
+    diverged = (f"step{'s' * many} {_steps(later)} {'were' if many else 'was'} saved after the "
+                f"loss diverged ({_loss_note(ck.meta(later[-1]))})" if later else "")
+    if healthy:
+        h = healthy[-1]
+        return (f"The last healthy checkpoint, step {h} in {ck.directory} "
+                f"({_loss_note(ck.meta(h), threshold=False)}), is intact"
+                + (f"; {diverged}, a rerun skips {'them' if many else 'it'}" if later else "")
+                + "; a rerun resumes from it: lower optimizer.lr or check the data.")
+    if later:
+        return (f"No checkpoint in {ck.directory} is from before the divergence ({diverged}); "
+                f"start over with train.resume_from=0 and a lower optimizer.lr.")
+    return "No checkpoint was saved; lower optimizer.lr or check the data."
 
 
 class _LastRecord(loop.Every):
@@ -280,4 +488,4 @@ def train(cfg: RunConfig) -> dict[str, float]:
     return Trainer(cfg).fit()
 
 
-__all__ = ["Batches", "Trainer", "TrainingDiverged", "build_batches", "train"]
+__all__ = ["Batches", "ResumeError", "Trainer", "TrainingDiverged", "build_batches", "train"]
