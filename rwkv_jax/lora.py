@@ -86,7 +86,7 @@ def _select(names: Sequence[str], patterns: Sequence[str], what: str,
         hits = [n for n in names if rx.fullmatch(n)]
         if not hits:
             near = [n for n in others if rx.fullmatch(n)]
-            hint = (f" (it matches {near[0]}, which is not {what})" if near
+            hint = (f" (it matches {near[0]}, which is not a {what})" if near
                     else f"; e.g. {', '.join(list(names)[:3])}")
             raise ValueError(f"{p!r} matches no {what} of this model{hint}")
         chosen.update(hits)
@@ -131,30 +131,32 @@ def _set_adapter(lin: Linear, a, b, scale: float, dropout: float, index: int) ->
     lin.lora_id = index
 
 
+def _merged_weight(lin: Linear) -> np.ndarray:
+    """``W + scale · B @ A`` of an adapted Linear, in float32, cast back to ``W``'s dtype."""
+    w = np.asarray(lin.weight[...])
+    a = np.asarray(lin.lora_A[...], np.float32)
+    b = np.asarray(lin.lora_B[...], np.float32)
+    return (w.astype(np.float32) + np.float32(lin.lora_scale) * (b @ a)).astype(w.dtype)
+
+
 def merged_tensors(model) -> dict[str, np.ndarray]:
-    """The model's official tensors with every adapter merged, ``W + scale · B @ A``
-    (float32, cast back to ``W``'s dtype), and no adapter tensors."""
+    """The model's official tensors with every adapter merged (``W + scale · B @ A``, float32,
+    cast back to ``W``'s dtype), and no adapter tensors."""
     from rwkv_jax.checkpoint import model_tensors
     tensors = {k: v for k, v in model_tensors(model).items()
                if not k.endswith((".lora_A", ".lora_B"))}
-    for name, lin in adapted(model).items():
-        w = tensors[name]
-        a = np.asarray(lin.lora_A[...], np.float32)
-        b = np.asarray(lin.lora_B[...], np.float32)
-        tensors[name] = (w.astype(np.float32) + np.float32(lin.lora_scale) * (b @ a)
-                         ).astype(w.dtype)
+    tensors.update({name: _merged_weight(lin) for name, lin in adapted(model).items()})
     return tensors
 
 
 def merge(model):
     """A new model with the adapters merged into the weights (``model`` is unchanged): the
-    plain model a checkpoint of :func:`merged_tensors` loads as."""
-    from rwkv_jax.model.lm import RWKV
-    tensors = merged_tensors(model)
-    out = nnx.eval_shape(lambda: RWKV(model.config, rngs=nnx.Rngs(0)))
-    for path, var in nnx.to_flat_state(nnx.state(out, nnx.Param)):
-        t = tensors[dotted_name(path)]
-        var.set_value(jnp.asarray(t, dtype=model.config.param_jnp_dtype))
+    same structure as a plain model, with the weights of :func:`merged_tensors`."""
+    out = nnx.clone(model)
+    for lin in adapted(out).values():
+        lin.weight.set_value(jnp.asarray(_merged_weight(lin)))
+        for attr in ("lora_A", "lora_B", "lora_scale", "lora_dropout", "lora_id"):
+            delattr(lin, attr)  # back to the class defaults: no adapter
     return out
 
 

@@ -188,9 +188,12 @@ class RunConfig:
     # set when the YAML or an override gives model.vocab_size explicitly
     vocab_size_explicit: bool = False
     # every dotted key the YAML or an override set (a preset sets all of model.*): a
-    # fine-tune checks these model keys against its checkpoint, and follows the checkpoint's
-    # tokenizer unless data.tokenizer is here
+    # fine-tune follows its checkpoint's tokenizer unless data.tokenizer is here
     explicit: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
+    # a fine-tune (finetune.init_from set): the model section as given, ((key, value), ...)
+    # type-checked but not built (its version is the checkpoint's); ``model`` is then the
+    # default until the trainer replaces it with the checkpoint's config
+    model_explicit: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -204,7 +207,7 @@ class RunConfig:
         return d
 
 
-_INTERNAL = ("vocab_size_explicit", "explicit")
+_INTERNAL = ("vocab_size_explicit", "explicit", "model_explicit")
 
 
 _CHOICES = {
@@ -347,8 +350,26 @@ def load_config(path: str | pathlib.Path | None = None,
         tree["model"] = {**dataclasses.asdict(base), **model}
         explicit_vocab = True
     explicit = frozenset(_leaf_keys(tree))
+    model_explicit: tuple = ()
+    ft = tree.get("finetune")
+    if isinstance(ft, dict) and ft.get("init_from") is not None and "model" in tree:
+        model_explicit = _model_keys(tree.pop("model"))
     cfg = _build(RunConfig, tree, "")
-    return dataclasses.replace(cfg, vocab_size_explicit=explicit_vocab, explicit=explicit)
+    return dataclasses.replace(cfg, vocab_size_explicit=explicit_vocab, explicit=explicit,
+                               model_explicit=model_explicit)
+
+
+def _model_keys(model: Any) -> tuple[tuple[str, Any], ...]:
+    """A fine-tune's model section: each key a field of RWKVConfig, each value of its type
+    (checked against the checkpoint's config later, in :mod:`rwkv_jax.train.finetune`)."""
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping, got {model!r}")
+    hints = typing.get_type_hints(RWKVConfig)
+    unknown = sorted(set(model) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key model.{unknown[0]}; valid keys in model: "
+                          f"{', '.join(sorted(hints))}")
+    return tuple(sorted((k, _check_type(f"model.{k}", v, hints[k])) for k, v in model.items()))
 
 
 def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:

@@ -79,36 +79,36 @@ class Finetune:
         return written
 
 
-def explicit_model_keys(cfg: RunConfig) -> set[str]:
-    """The ``model.*`` fields the run config set explicitly (YAML, override or preset)."""
-    return {k.split(".", 1)[1] for k in cfg.explicit if k.startswith("model.")}
-
-
 def _load_base(cfg: RunConfig):
     """The checkpoint's model and file, with the explicit unshaped fields applied and the
     explicit shape-defining ones checked against it."""
     from rwkv_jax import checkpoint
     ft = cfg.finetune
-    explicit = explicit_model_keys(cfg)
-    overrides = {k: getattr(cfg.model, k) for k in UNSHAPED
-                 if k in explicit and getattr(cfg.model, k) is not None}
+    explicit = {k: v for k, v in cfg.model_explicit if v is not None}
+    overrides = {k: v for k, v in explicit.items() if k in UNSHAPED}
     path = pathlib.Path(ft.init_from).expanduser()
     try:
         file = RunDir(path).checkpoint_file()
+        shapes_cfg = checkpoint.infer_config(
+            checkpoint.to_official_names(checkpoint.read_tensors(file)))
+    except checkpoint.CheckpointError as e:
+        raise ConfigError(f"finetune.init_from: {e}") from None
+    for key in sorted(set(explicit) - set(UNSHAPED)):  # before the (slower) model build
+        want, have = explicit[key], getattr(shapes_cfg, key, None)
+        if want != have:
+            raise ConfigError(
+                f"model.{key}={want!r} contradicts finetune.init_from {path} ({key}={have!r}, "
+                f"from its tensor shapes); remove model.{key} (a fine-tune takes its model "
+                f"from the checkpoint; only {', '.join('model.' + k for k in UNSHAPED)} may "
+                "be set)")
+    try:  # the settable fields, checked against the checkpoint's version
+        shapes_cfg.replace(**overrides)
+    except ConfigError as e:
+        raise ConfigError(f"model.{e}") from None
+    try:
         model = checkpoint.load(path, **overrides)
     except checkpoint.CheckpointError as e:
         raise ConfigError(f"finetune.init_from: {e}") from None
-    except ConfigError as e:  # an override the version lacks (ln_x_eps on RWKV-4)
-        raise ConfigError(f"model.{e}") from None
-    have = model.config
-    for key in sorted(explicit - set(UNSHAPED)):
-        want = getattr(cfg.model, key, None)
-        if want is not None and want != getattr(have, key, None):
-            raise ConfigError(
-                f"model.{key}={want!r} contradicts finetune.init_from {path} ({key}="
-                f"{getattr(have, key, None)!r}, from its tensor shapes); remove model.{key} "
-                f"(a fine-tune takes its model from the checkpoint; only "
-                f"{', '.join('model.' + k for k in UNSHAPED)} may be set)")
     return path, file, model
 
 
