@@ -109,6 +109,12 @@ def _has_ln_x(shapes) -> bool:
     return _ATT + "ln_x.weight" in shapes
 
 
+def _per_channel_decay(shapes) -> bool:
+    """x052 keeps a decay per head and key channel, [H, N]; 5.1 one per head, [H]."""
+    td = shapes.get(_ATT + "time_decay", ())
+    return len(td) == 2 and td[1] > 1
+
+
 SPEC_52 = VersionSpec(
     version="5.2",
     title="RWKV-5.2 Eagle",
@@ -118,8 +124,7 @@ SPEC_52 = VersionSpec(
     wkv_forms=SUPPORTED,
     extras=HEAD_EXTRAS,
     ffn_size=ffn_size,
-    # x052: per-channel decay [H, N] (5.1 has one per head)
-    detect=lambda s: _has_ln_x(s) and (shape_of(s, _ATT + "time_decay", 1) or 1) > 1,
+    detect=lambda s: _has_ln_x(s) and _per_channel_decay(s),
     infer=lambda s: {"head_size": shape_of(s, _ATT + "time_faaaa", 1)},
     lr_multipliers={"time_decay": 2.0},
     names={"hf": names.HF_PREFIXED},
