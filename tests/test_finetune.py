@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -46,7 +47,7 @@ def _cfg(run, base, method, *extra, data_path):
         f"out_dir={run}", f"finetune.init_from={base}", f"finetune.method={method}",
         f"data.path={data_path}", f"data.cache_dir={run.parent / 'cache'}",
         "data.ctx_len=16", "train.batch_size=4", "train.max_steps=1", "train.log_every=1",
-        "train.eval_every=0", "train.eval_batches=2", "checkpoint.every=0",
+        "train.eval_every=0", "train.eval_batches=2", "checkpoint.every=1000",
         "schedule.warmup_steps=0", "logging.progress=false", "train.sample_tokens=0", *extra])
 
 
@@ -66,11 +67,7 @@ def _val_loss_of(model, cfg):
 
 
 # ---- starting from a checkpoint -------------------------------------------------------------
-@pytest.mark.parametrize("fixture", [
-    "rwkv7-tiny-834k.pth", "rwkv5.2-tiny-730k.pth",
-    pytest.param("rwkv4-tiny-660k.pth", marks=pytest.mark.slow),
-    pytest.param("rwkv5.1-tiny-730k.pth", marks=pytest.mark.slow),
-    pytest.param("rwkv6-tiny-3m.pth", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("fixture", list(FIXTURES))
 def test_step0_is_the_checkpoints_own_loss(tmp_path, fixtures_dir, shared_dir, fixture,
                                            capsys):
     """The step-0 record (metrics.jsonl and stderr) is evaluate_tokens of the fixture itself
@@ -82,8 +79,8 @@ def test_step0_is_the_checkpoints_own_loss(tmp_path, fixtures_dir, shared_dir, f
     loaded = rwkv_jax.load(base, **({"ln_x_eps": 1e-5} if FIXTURES[fixture] else {}))
     assert trainer.model_cfg == loaded.config
     assert trainer.batches.tokenizer.name == "bytes"  # vocabulary 256
-    trainer.fit()
-    step0 = _records(cfg.out_dir)[0]
+    assert trainer.fit(stop_at=0) == {}  # what precedes the first step: step 0 alone
+    step0, = _records(cfg.out_dir)
     assert set(step0) == {"step", "val_loss", "val_bpb"} and step0["step"] == 0
     want = _val_loss_of(loaded, cfg)
     assert step0["val_loss"] == pytest.approx(want.loss, rel=1e-5, abs=1e-5)
@@ -155,26 +152,26 @@ def _opt_bytes(opt_state) -> int:
                if np.issubdtype(x.dtype, np.floating))
 
 
-def test_lora_trains_adapters_only_and_exports(tmp_path, fixtures_dir, shared_dir):
-    base = fixtures_dir / "rwkv4-tiny-660k.pth"
-    cfg = _cfg(tmp_path / "run", base, "lora", "train.max_steps=24", "optimizer.lr=2e-2",
-               "finetune.lora_rank=4", "finetune.lora_dropout=0.05", "train.eval_every=24",
-               r"finetune.train_also=['blocks\.0\.ln1\.weight']", "data.ctx_len=32",
-               data_path=_text(tmp_path, shared_dir, 20000))
+def test_lora_trains_adapters_only_and_exports(tmp_path, fixtures_dir):
+    base = fixtures_dir / "rwkv5.2-tiny-730k.pth"
+    cfg = _cfg(tmp_path / "run", base, "lora", "model.ln_x_eps=1e-5", "train.max_steps=24",
+               "optimizer.lr=2e-2", "finetune.lora_rank=4", "finetune.lora_dropout=0.05",
+               "train.eval_every=24", r"finetune.train_also=['blocks\.0\.ln1\.weight']",
+               "data.ctx_len=32", data_path=CHAT)  # new to the model: chat, pirate style
     trainer = Trainer(cfg)
     # only the trainable part carries optimizer state: Adam's two moments of the adapters
     trainable = jax.tree.leaves(trainer.state.params)
     adapter_bytes = sum(x.size * x.dtype.itemsize for x in trainable)
     shapes = [lin.weight.shape for lin in lora.adapted(trainer.host_model()).values()]
-    assert len(shapes) == 4 * 7  # 4 layers x (att r/k/v/o + ffn k/v/r)
-    # float32 A [4, in] and B [out, 4] of each, and the ln1 weight [128] trained in full
-    assert adapter_bytes == 4 * (sum(4 * (o + i) for o, i in shapes) + 128)
+    assert len(shapes) == 12 * 8  # 12 layers x (att r/k/v/o/gate + ffn k/v/r)
+    # float32 A [4, in] and B [out, 4] of each, and the ln1 weight [64] trained in full
+    assert adapter_bytes == 4 * (sum(4 * (o + i) for o, i in shapes) + 64)
     assert _opt_bytes(trainer.state.opt_state) == 2 * adapter_bytes
     assert trainer.n_params * 4 == adapter_bytes and trainer.n_params < trainer.n_total // 10
     trainer.fit()
     records = _records(cfg.out_dir)
     assert records[0]["step"] == 0 and records[-1]["step"] == 24
-    assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.02, records
+    assert records[-1]["val_loss"] < records[0]["val_loss"] - 0.2, records
 
     run = pathlib.Path(cfg.out_dir)
     assert {"model.safetensors", "lora.safetensors", "config.json", "tokenizer.json"} <= {
@@ -183,7 +180,8 @@ def test_lora_trains_adapters_only_and_exports(tmp_path, fixtures_dir, shared_di
     assert set(before) == set(after)
     changed = {k for k in before if not np.array_equal(before[k], after[k])}
     targets = {k for k in before if any(
-        __import__("re").fullmatch(p, k) for p in rwkv_jax.versions.spec("4").lora_targets)}
+        re.fullmatch(p, k) for p in rwkv_jax.versions.spec("5.2").lora_targets)}
+    assert len(targets) == 12 * 8
     assert changed == targets | {"blocks.0.ln1.weight"}  # everything else bit-identical
 
     tensors, meta = lora.read(run / "lora.safetensors")
@@ -194,12 +192,22 @@ def test_lora_trains_adapters_only_and_exports(tmp_path, fixtures_dir, shared_di
                                before[k + ".weight"] + meta["alpha"] / 4 * (b @ a),
                                rtol=1e-6, atol=1e-7)
     merged = rwkv_jax.load(run)
-    unmerged = rwkv_jax.load(base, lora=run / "lora.safetensors")
-    x = np.asarray([list(b"ROMEO: What say you, my lord?")], np.int32)
+    assert merged.config.ln_x_eps == 1e-5  # config.json keeps what shapes cannot tell
+    unmerged = rwkv_jax.load(base, lora=run / "lora.safetensors", ln_x_eps=1e-5)
+    x = np.asarray([list(b"ROMEO: What say you, my lord?!!!")], np.int32)  # 32: one chunk
     lm, _ = merged(x)
     lu, _ = unmerged(x)
     np.testing.assert_allclose(np.asarray(lu), np.asarray(lm), atol=1e-5)
-    assert not np.allclose(np.asarray(lm), np.asarray(rwkv_jax.load(base)(x)[0]), atol=1e-3)
+    lb, _ = rwkv_jax.load(base, ln_x_eps=1e-5)(x)
+    assert np.abs(np.asarray(lm) - np.asarray(lb)).max() > 1e-2
+
+    # dropout is active in the training loss (keyed), never outside it
+    from rwkv_jax.train import step as step_mod
+    micro = jax.tree.map(lambda a: a[0], trainer.global_batch(0))
+    loss = jax.jit(lambda k: step_mod.loss_fn(trainer.state.params, trainer.state.frozen, micro,
+                                              k, spec=trainer.spec))
+    la, la2, lb2 = (float(loss(jax.random.key(i))) for i in (0, 0, 1))
+    assert la == la2 != lb2
 
 
 def _resume_matches(tmp_path, make):
@@ -214,14 +222,16 @@ def _resume_matches(tmp_path, make):
         [(r["step"], r.get("train_loss")) for r in b]
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("lora", ["finetune.lora_dropout=0.1", "finetune.lora_rank=2"]),
-    ("state", ["finetune.state_shift=true", "optimizer.lr=1.0"])])
-def test_resume_is_exact(tmp_path, fixtures_dir, method, extra):
+@pytest.mark.parametrize("fixture, method, extra", [
+    # RWKV-4 fixture: only layer 0 is non-zero, so its time-mix adapters are the live ones
+    ("rwkv4-tiny-660k.pth", "lora", ["finetune.lora_dropout=0.1", "finetune.lora_rank=2",
+                                     "optimizer.lr=2e-2"]),
+    ("rwkv4-tiny-660k.pth", "state", ["finetune.state_shift=true", "optimizer.lr=0.1"])])
+def test_resume_is_exact(tmp_path, fixtures_dir, fixture, method, extra):
     """Interrupted after the step-4 checkpoint and resumed: the same losses (the dropout
     masks come from (seed, step); the frozen base is read again from init_from)."""
     text = _text(tmp_path)
-    base = fixtures_dir / "rwkv4-tiny-660k.pth"
+    base = fixtures_dir / fixture
     _resume_matches(tmp_path, lambda run: _cfg(
         run, base, method, "train.max_steps=8", "checkpoint.every=4", *extra, data_path=text))
 

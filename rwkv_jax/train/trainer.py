@@ -228,7 +228,8 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to ``train.max_steps`` (or pause after step ``stop_at``, as an interruption
-        would: the schedule still spans max_steps). Returns the last logged metrics."""
+        would: the schedule still spans max_steps; ``stop_at=0`` does only what precedes the
+        first step, e.g. a fine-tune's step-0 record). Returns the last logged metrics."""
         cfg, t = self.cfg, self.cfg.train
         self.out.mkdir(parents=True, exist_ok=True)
         if self.primary:
@@ -251,7 +252,7 @@ class Trainer:
         if topo.n_devices > 1:
             log(f"per device: {bytes_per_device(self.state.params) / 2**20:.1f} MiB parameters, "
                 f"{bytes_per_device(self.state.opt_state) / 2**20:.1f} MiB optimizer state")
-        stop = min(t.max_steps, stop_at or t.max_steps)
+        stop = min(t.max_steps, t.max_steps if stop_at is None else stop_at)
         metrics = _LastRecord()
         run_hooks: list = [hooks_lib.Evaluate(t.eval_every, self.evaluate), metrics]
         if self.primary:
