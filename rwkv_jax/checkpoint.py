@@ -259,7 +259,7 @@ def _with_run_config(path: pathlib.Path, overrides: Mapping[str, Any]) -> dict[s
 
 
 def load(path: PathLike, *, verify: bool = False, allow_nonfinite: bool = False,
-         **overrides: Any) -> RWKV:
+         lora: PathLike | None = None, **overrides: Any) -> RWKV:
     """Load an official ``.pth``, a ``.safetensors`` (official, HF or FLA names) or a run
     directory.
 
@@ -268,7 +268,10 @@ def load(path: PathLike, *, verify: bool = False, allow_nonfinite: bool = False,
 
     Loading options (not config fields): ``verify=True`` checks every CRC of a ``.pth``
     first (a full read of the file; see :func:`verify` for a report instead of an error);
-    weights holding NaN/inf are refused unless ``allow_nonfinite=True``.
+    weights holding NaN/inf are refused unless ``allow_nonfinite=True``; ``lora=FILE``
+    applies the adapters of a ``lora.safetensors`` (what a LoRA fine-tune writes) without
+    merging them (:func:`rwkv_jax.lora.apply`: a warning when they were trained on a file
+    with another sha256, an error naming every key that fits no weight).
     """
     path = pathlib.Path(path)
     overrides = _with_run_config(path, overrides)
@@ -281,6 +284,9 @@ def load(path: PathLike, *, verify: bool = False, allow_nonfinite: bool = False,
         model = model_from_tensors(tensors, **overrides)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
+    if lora is not None:
+        from rwkv_jax import lora as lora_lib
+        lora_lib.apply(model, lora, base=file)
     _sources[model] = path
     return model
 

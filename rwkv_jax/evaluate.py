@@ -171,7 +171,8 @@ def score_windows(model, windows: Iterable, *, state_policy: str, tokenizer=None
 
     ``state_policy``: "carry" (each window continues from the state the previous one ended
     in, starting from ``state`` or the empty state; B must be 1) or "reset" (each window
-    batch from the empty state). ``put(array)`` places each host array on the devices (the
+    batch from ``state``, a state for B rows, by default the empty state: a tuned initial
+    state is scored this way). ``put(array)`` places each host array on the devices (the
     trainer's sharding across processes; default: as given). ``progress(done, total)`` after
     each window batch, ``total`` its count when known.
     """
@@ -181,10 +182,11 @@ def score_windows(model, windows: Iterable, *, state_policy: str, tokenizer=None
     put = put or (lambda a: a)
     moduledef, values = functional.split(model)
     nll, correct, n_tokens, n_bytes, done = 0.0, 0.0, 0, 0, 0
+    start = state
     for x, y, mask in windows:
         x, y, mask = (np.asarray(a) for a in (x, y, mask))
         if state_policy == "reset":
-            state = None  # built inside the jitted window: also right for a sharded batch
+            state = start  # None: built inside the jitted window (right for a sharded batch)
         s, c, new_state = _window(moduledef, values, put(x.astype(np.int32)),
                                   put(y.astype(np.int32)), put(mask.astype(np.float32)), state)
         if state_policy == "carry":

@@ -10,12 +10,14 @@ is the official key, e.g. ``blocks.3.att.key.weight``.
 
 Dtype policy: parameters live in ``param_dtype``; matmuls run in ``compute_dtype``;
 LayerNorm/GroupNorm statistics, token-shift mixing, WKV and the residual stream are float32.
+A LoRA adapter's low-rank path (:class:`LoRAParam`) runs in float32.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import functools
 import math
@@ -249,8 +251,47 @@ def param_uniform(rngs: nnx.Rngs, shape, scale: float, dtype) -> nnx.Param:
     return nnx.Param(uniform(host_rng(rngs), shape, scale, dtype))
 
 
+class LoRAParam(nnx.Param):
+    """A LoRA adapter matrix of a :class:`Linear`: ``lora_A`` [r, in] or ``lora_B`` [out, r].
+
+    A Variable type of its own, so a fine-tune's split can train the adapters and freeze the
+    rest (:mod:`rwkv_jax.train.methods`); :mod:`rwkv_jax.lora` attaches, merges, saves them."""
+
+
+# The PRNG key LoRA dropout draws from; set only while the training loss is traced
+# (:func:`dropout_key`), so evaluation and inference never drop.
+_DROPOUT_KEY: contextvars.ContextVar = contextvars.ContextVar("rwkv_jax_dropout_key",
+                                                              default=None)
+
+
+@contextlib.contextmanager
+def dropout_key(key: jax.Array):
+    """Within this block, adapters with dropout draw their masks from ``key`` (a typed PRNG
+    key, traced: the training step derives it from its state's rng and step counter), each
+    adapter ``jax.random.fold_in(key, lora_id)``. Meant for the traced training loss only:
+    an eagerly called model compiles its own cached function, which must not capture a key."""
+    token = _DROPOUT_KEY.set(key)
+    try:
+        yield
+    finally:
+        _DROPOUT_KEY.reset(token)
+
+
 class Linear(Module):
-    """``y = x @ weight.T`` without bias; ``weight`` is ``[out, in]`` as in torch."""
+    """``y = x @ weight.T`` without bias; ``weight`` is ``[out, in]`` as in torch.
+
+    With an adapter attached (:func:`rwkv_jax.lora.attach`): ``lora_A`` [r, in] and
+    ``lora_B`` [out, r] (:class:`LoRAParam`) add ``lora_scale · (drop(x) @ A.T) @ B.T``,
+    computed in float32; ``drop`` is inverted dropout of rate ``lora_dropout`` inside
+    :func:`dropout_key` only. ``B = 0`` (a fresh adapter) gives exactly the plain output.
+    """
+
+    # no adapter until one is attached (instance attributes then shadow these)
+    lora_A: LoRAParam | None = None
+    lora_B: LoRAParam | None = None
+    lora_scale: float = 0.0
+    lora_dropout: float = 0.0
+    lora_id: int = 0
 
     def __init__(self, d_in: int, d_out: int, *, init: jax.Array, compute_dtype):
         self.weight = nnx.Param(init)
@@ -259,6 +300,25 @@ class Linear(Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out] in the compute dtype, accumulated in float32."""
+        y = self._base(x)
+        if self.lora_A is None:
+            return y
+        return (y.astype(F32) + self._low_rank(x)).astype(y.dtype)
+
+    def _low_rank(self, x: jax.Array) -> jax.Array:
+        """The adapter's ``scale · (drop(x) @ A.T) @ B.T``, float32 [..., out]."""
+        x = x.astype(F32)
+        key = _DROPOUT_KEY.get()
+        if key is not None and self.lora_dropout > 0:
+            keep = 1.0 - self.lora_dropout
+            mask = jax.random.bernoulli(jax.random.fold_in(key, self.lora_id), keep, x.shape)
+            x = jnp.where(mask, x / keep, 0.0)
+        a, b = self.lora_A[...].astype(F32), self.lora_B[...].astype(F32)
+        h = jnp.einsum("...i,ri->...r", x, a)
+        return self.lora_scale * jnp.einsum("...r,or->...o", h, b)
+
+    def _base(self, x: jax.Array) -> jax.Array:
+        """``x @ weight.T`` alone (see :meth:`__call__`)."""
         cd, w = self.compute_dtype, self.weight[...]
         lead = x.shape[:-1]
         rows = math.prod(lead)

@@ -28,7 +28,11 @@ class DataConfig:
     path: a text/jsonl file, prepared token file (``.bin`` + ``.json``) or binidx prefix;
       ``None`` trains on the default corpus (the Python standard library's own sources).
     tokenizer: "bytes", "char" (vocabulary built from the text), "world", or a
-      ``tokenizer.json`` path. Prepared files carry their own.
+      ``tokenizer.json`` path. Prepared files carry their own. A fine-tune
+      (``finetune.init_from``) follows its checkpoint unless this is set explicitly.
+    loss_on: which targets the loss counts: ``None`` keeps what the data says (a prepared
+      file's mask), "all" every token, "response" only assistant replies of chat records
+      (``{"messages": [...]}`` or ``{"prompt", "response"}`` jsonl; supervised fine-tuning).
     """
 
     path: str | None = None
@@ -39,6 +43,7 @@ class DataConfig:
     cache_dir: str | None = None
     max_bytes: int | None = 8_000_000
     allow_changed: bool = False  # resume even though the data differs from data.json
+    loss_on: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +112,68 @@ class MeshConfig:
     fsdp: int = 1
 
 
+FINETUNE_METHODS = ("full", "lora", "state")
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """Start from a checkpoint and choose what trains (:mod:`rwkv_jax.train.finetune`).
+
+    init_from: an official ``.pth``, a ``.safetensors`` (official, Hugging Face or FLA names)
+      or a run directory; ``None`` trains from scratch (everything below is then unused).
+      The model section is inferred from it; only the fields its shapes cannot tell
+      (``ln_eps``, ``ln_x_eps``, dtypes, ``wkv_impl``, ``chunk_size``) may be set.
+    method: "full" (every parameter), "lora" (low-rank adapters on the projection
+      matrices) or "state" (only each layer's initial recurrent state).
+    lora_rank, lora_alpha, lora_dropout: the adapters' rank r, scale alpha/r, and the
+      dropout on their input (training only).
+    lora_targets: regexes (full match) over official weight names of the Linear weights
+      that get adapters; ``None`` = the version's ``SPEC.lora_targets`` (time-mix and
+      channel-mix projections).
+    train_also: regexes over official parameter names trained in full alongside the
+      adapters (RWKV-PEFT's ``train_parts``), e.g. ``'.*ln.*'``, ``'.*time_decay'``.
+    state_shift: state tuning also trains the token-shift vectors (else only the WKV state).
+    """
+
+    init_from: str | None = None
+    method: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: tuple[str, ...] | None = None
+    train_also: tuple[str, ...] = ()
+    state_shift: bool = False
+
+    def __post_init__(self):
+        import re
+        for name in ("lora_targets", "train_also"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, str) or not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{name}: expected a list of regexes, got {value!r}")
+            for p in value:
+                if not isinstance(p, str):
+                    raise ConfigError(f"{name}: expected a list of regexes, got item {p!r}")
+                try:
+                    re.compile(p)
+                except re.error as e:
+                    raise ConfigError(f"{name}: {p!r} is not a valid regex ({e})") from None
+            object.__setattr__(self, name, tuple(value))
+        if self.method not in FINETUNE_METHODS:
+            raise ConfigError(f"method: {self.method!r} is not one of "
+                              f"{', '.join(FINETUNE_METHODS)}")
+        if self.method != "full" and self.init_from is None:
+            raise ConfigError(f"method: {self.method!r} fine-tunes a trained model; set "
+                              "finetune.init_from to its checkpoint")
+        if self.lora_rank < 1:
+            raise ConfigError(f"lora_rank: must be a positive integer, got {self.lora_rank}")
+        if not self.lora_alpha > 0:
+            raise ConfigError(f"lora_alpha: must be > 0, got {self.lora_alpha}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout: must be in [0, 1), got {self.lora_dropout}")
+
+
 _MODEL_DEFAULTS = dict(version="4", n_layer=4, n_embd=256)
 
 
@@ -127,18 +194,37 @@ class RunConfig:
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     logging: LoggingConfig = dataclasses.field(default_factory=LoggingConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
     # set when the YAML or an override gives model.vocab_size explicitly
     vocab_size_explicit: bool = False
+    # every dotted key the YAML or an override set (a preset sets all of model.*): a
+    # fine-tune follows its checkpoint's tokenizer unless data.tokenizer is here
+    explicit: frozenset[str] = dataclasses.field(default=frozenset(), compare=False)
+    # a fine-tune (finetune.init_from set): the model section as given, ((key, value), ...)
+    # type-checked but not built (its version is the checkpoint's); ``model`` is then the
+    # default until the trainer replaces it with the checkpoint's config
+    model_explicit: tuple[tuple[str, Any], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("vocab_size_explicit")
+        for name in _INTERNAL:
+            d.pop(name)
+        if d["finetune"] == dataclasses.asdict(FinetuneConfig()):
+            d.pop("finetune")  # a run without one dumps the config it always did
+        else:
+            d["finetune"] = {k: list(v) if isinstance(v, tuple) else v
+                             for k, v in d["finetune"].items()}
         return d
+
+
+_INTERNAL = ("vocab_size_explicit", "explicit", "model_explicit")
 
 
 _CHOICES = {
     "data.sampler": ("random", "magic_prime"),
     "schedule.kind": ("cosine", "exponential", "constant"),
+    "data.loss_on": ("all", "response"),  # or null
+    "finetune.method": FINETUNE_METHODS,
 }
 
 
@@ -223,7 +309,7 @@ def _build(cls, values: dict[str, Any], prefix: str):
     if not isinstance(values, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {values!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "vocab_size_explicit"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name not in _INTERNAL}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ConfigError(f"unknown key {prefix}{unknown[0]}; valid keys in "
@@ -239,7 +325,7 @@ def _build(cls, values: dict[str, Any], prefix: str):
             kwargs[name] = _build(tp, merged, key + ".")
             continue
         value = _check_type(key, value, tp)
-        if key in _CHOICES and value not in _CHOICES[key]:
+        if key in _CHOICES and value is not None and value not in _CHOICES[key]:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(_CHOICES[key])}")
         if key in _RANGES and value is not None:
             test, what = _RANGES[key]
@@ -348,9 +434,38 @@ def load_config(path: str | pathlib.Path | None = None,
             raise ConfigError(f"model.preset: {e}") from None
         tree["model"] = {**dataclasses.asdict(base), **model}
         explicit_vocab = True
+    explicit = frozenset(_leaf_keys(tree))
+    model_explicit: tuple = ()
+    ft = tree.get("finetune")
+    if isinstance(ft, dict) and ft.get("init_from") is not None and "model" in tree:
+        model_explicit = _model_keys(tree.pop("model"))
     cfg = _build(RunConfig, tree, "")
-    _validate(cfg)
-    return dataclasses.replace(cfg, vocab_size_explicit=explicit_vocab)
+    return dataclasses.replace(cfg, vocab_size_explicit=explicit_vocab, explicit=explicit,
+                               model_explicit=model_explicit)
+
+
+def _model_keys(model: Any) -> tuple[tuple[str, Any], ...]:
+    """A fine-tune's model section: each key a field of RWKVConfig, each value of its type
+    (checked against the checkpoint's config later, in :mod:`rwkv_jax.train.finetune`)."""
+    if not isinstance(model, dict):
+        raise ConfigError(f"model: expected a mapping, got {model!r}")
+    hints = typing.get_type_hints(RWKVConfig)
+    unknown = sorted(set(model) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown key model.{unknown[0]}; valid keys in model: "
+                          f"{', '.join(sorted(hints))}")
+    return tuple(sorted((k, _check_type(f"model.{k}", v, hints[k])) for k, v in model.items()))
+
+
+def _leaf_keys(tree: dict, prefix: str = "") -> list[str]:
+    """The dotted keys of a nested mapping's leaves (``{"a": {"b": 1}}`` -> ``["a.b"]``)."""
+    keys = []
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            keys += _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
 
 
 def _validate(cfg: RunConfig) -> None:

@@ -8,6 +8,8 @@ the training loop only calls the compiled step.
 One step: ``grad_accum`` micro-batches (a ``lax.scan``; each is ``batch_size`` rows), the
 masked cross-entropy (:func:`rwkv_jax.evaluate.cross_entropy`) with RWKV-LM's L2Wrap,
 AdamW with the official groups, the learning rate read from the schedule at ``state.step``.
+Randomness (LoRA dropout) comes from ``state.rng`` folded with the step and the micro-batch
+index, so a resumed run draws the same masks.
 A step whose loss, gradient norm or updated parameters / optimizer state are not all
 finite changes nothing (the state is kept, ``metrics["ok"]`` is False): the loop stops
 there and the last checkpoint stays good.
@@ -25,6 +27,7 @@ import jax.numpy as jnp
 import optax
 
 from rwkv_jax.evaluate import cross_entropy
+from rwkv_jax.model.layers import dropout_key
 from rwkv_jax.train import optim
 from rwkv_jax.train.state import TrainState
 
@@ -62,12 +65,14 @@ class StepSpec:
     l2wrap: bool = True
 
 
-def loss_fn(params, frozen, micro: Batch, *, spec: StepSpec) -> jax.Array:
-    """Masked mean cross-entropy of one micro-batch (``[B, T]`` arrays), with L2Wrap."""
+def loss_fn(params, frozen, micro: Batch, key: jax.Array, *, spec: StepSpec) -> jax.Array:
+    """Masked mean cross-entropy of one micro-batch (``[B, T]`` arrays), with L2Wrap.
+    ``key``: the micro-batch's PRNG key (typed), for dropout."""
     model = spec.method.build(spec.graphdef, params, frozen)
     state0 = spec.method.initial_state(params, micro.x.shape[0])
     extra = {} if micro.resets is None else {"resets": micro.resets}
-    logits, _ = model(micro.x, state0, **extra)
+    with dropout_key(key):
+        logits, _ = model(micro.x, state0, **extra)
     loss = cross_entropy(logits, micro.y, micro.mask)
     if spec.l2wrap:
         loss = optim.l2wrap(loss, logits)
@@ -85,14 +90,17 @@ def train_step(state: TrainState, batch: Batch, *, spec: StepSpec):
     ``loss`` is the mean over the micro-batches."""
     grad_fn = jax.value_and_grad(functools.partial(loss_fn, spec=spec))
     n_micro = batch.x.shape[0]
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     if n_micro == 1:
-        loss, grads = grad_fn(state.params, state.frozen, jax.tree.map(lambda a: a[0], batch))
+        loss, grads = grad_fn(state.params, state.frozen, jax.tree.map(lambda a: a[0], batch),
+                              jax.random.fold_in(key, 0))
     else:
-        def body(acc, micro):
-            loss, grads = grad_fn(state.params, state.frozen, micro)
+        def body(acc, xs):
+            micro, i = xs
+            loss, grads = grad_fn(state.params, state.frozen, micro, jax.random.fold_in(key, i))
             return jax.tree.map(jnp.add, acc, (loss, grads)), None
         zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(body, zero, batch)
+        (loss, grads), _ = jax.lax.scan(body, zero, (batch, jnp.arange(n_micro)))
         loss, grads = jax.tree.map(lambda g: g / n_micro, (loss, grads))
     grad_norm = optax.tree.norm(grads)
     lr = spec.lr(state.step)

@@ -32,6 +32,7 @@ from rwkv_jax.io.errors import CheckpointError
 from rwkv_jax.model.functional import tree_names
 from rwkv_jax.model.lm import RWKV
 from rwkv_jax.rundir import RunDir, RunDirBusy, RunLock
+from rwkv_jax.train import finetune
 from rwkv_jax.train import hooks as hooks_lib
 from rwkv_jax.train import loop, optim
 from rwkv_jax.train.checkpoints import CheckpointCorrupt, Checkpointer
@@ -42,7 +43,7 @@ from rwkv_jax.train.mesh import (
     bytes_per_device,
     tree_shardings,
 )
-from rwkv_jax.train.methods import Full
+from rwkv_jax.train.methods import Full, State
 from rwkv_jax.train.state import TrainState
 from rwkv_jax.train.step import Batch, StepSpec, compile_train_step
 
@@ -107,12 +108,13 @@ class Batches:
         return self.tokenizer.decode_bytes(ids).decode("utf-8", errors="ignore")
 
 
-def build_batches(cfg: RunConfig) -> Batches:
-    """Open the configured data (default: the stdlib corpus) and split train/validation."""
+def build_batches(cfg: RunConfig, tokenizer=None) -> Batches:
+    """Open the configured data (default: the stdlib corpus) and split train/validation.
+    ``tokenizer``: use this instead of ``data.tokenizer`` (a fine-tune's checkpoint's)."""
     from rwkv_jax import data
     d = cfg.data
-    source = data.open_tokens(d.path, tokenizer=d.tokenizer, cache_dir=d.cache_dir,
-                              max_bytes=d.max_bytes)
+    source = data.open_tokens(d.path, tokenizer=d.tokenizer if tokenizer is None else tokenizer,
+                              cache_dir=d.cache_dir, max_bytes=d.max_bytes, loss_on=d.loss_on)
     split = data.split_source(source, d.val_fraction, ctx_len=d.ctx_len)
     return Batches(split.train, split.val, source.tokenizer, cfg, source)
 
@@ -121,25 +123,38 @@ class Trainer:
     """One training run: its data, model, optimizer, mesh, state and run directory."""
 
     def __init__(self, cfg: RunConfig, batches: Batches | None = None):
-        self.cfg = cfg
         self.run_dir = RunDir(cfg.out_dir)
         self.out = self.run_dir.path
-        self.batches = batches or build_batches(cfg)
+        # a fine-tune: the model, its config, the method and the tokenizer follow the
+        # checkpoint (rwkv_jax.train.finetune)
+        self.finetune = finetune.prepare(cfg) if cfg.finetune.init_from is not None else None
+        ft = self.finetune
+        self.batches = batches or build_batches(cfg, ft.tokenizer if ft else None)
         tok = self.batches.tokenizer
         model_cfg = cfg.model
-        if not cfg.vocab_size_explicit:
+        if ft is not None:
+            ft.check_tokenizer(tok)
+            model_cfg = ft.model.config
+            cfg = dataclasses.replace(cfg, model=model_cfg)  # config.yaml: the real model
+        elif not cfg.vocab_size_explicit:
             model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
         elif model_cfg.vocab_size < tok.vocab_size:
             raise ValueError(f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
                              f"tokenizer's vocabulary ({tok.vocab_size})")
+        self.cfg = cfg
         self.model_cfg = model_cfg
         t = cfg.train
         self.topology: Topology = build_topology(cfg.mesh.data, cfg.mesh.fsdp, t.batch_size)
         self.primary = self.topology.primary
-        model = RWKV(model_cfg, rngs=nnx.Rngs(t.seed))
-        self.method = Full()
+        if ft is not None:
+            model, self.method = ft.model, ft.method
+        else:
+            model, self.method = RWKV(model_cfg, rngs=nnx.Rngs(t.seed)), Full()
         self.graphdef, params, frozen = self.method.split(model)
         self.n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+        # every parameter of the run: the model's (adapters included) and a tuned state
+        self.n_total = finetune.parameter_count(nnx.state(model, nnx.Param)) + (
+            self.n_params if isinstance(self.method, State) else 0)
         tx = optim.make_optimizer(params, tree_names(params), model_cfg.version, cfg.optimizer)
         self.lr = optim.schedule(cfg.optimizer, cfg.schedule, t.max_steps)
         state = TrainState.create(params, frozen, tx, t.seed)
@@ -177,6 +192,10 @@ class Trainer:
     def host_model(self) -> RWKV:
         """The current parameters as a complete model in this process (gathered from every
         device and process), e.g. to export or to sample from."""
+        return self.method.build(self.graphdef, *self._host_parts())
+
+    def _host_parts(self):
+        """(trainable, frozen) of the current state, complete in this process (jnp)."""
         from jax.experimental import multihost_utils
         params, frozen = self.state.params, self.state.frozen
         if self.topology.process_count > 1:
@@ -184,7 +203,7 @@ class Trainer:
         else:
             params, frozen = jax.device_get((params, frozen))
         to_jnp = lambda t: jax.tree.map(jax.numpy.asarray, t)  # noqa: E731
-        return self.method.build(self.graphdef, to_jnp(params), to_jnp(frozen))
+        return to_jnp(params), to_jnp(frozen)
 
     def evaluate(self, state: TrainState | None = None) -> dict[str, float]:
         """Validation loss (nats/token) and bits per byte over the configured eval windows,
@@ -192,16 +211,20 @@ class Trainer:
 
         Several processes: every process reads the same windows and feeds its block of rows
         of each batch into the one data-parallel evaluation; the sums come back replicated,
-        so every process returns the same numbers (process 0 logs them)."""
+        so every process returns the same numbers (process 0 logs them). State tuning: each
+        window starts from the tuned state instead."""
         from rwkv_jax.evaluate import score_windows
+        state = self.state if state is None else state
         b = self.cfg.train.batch_size // self.host_count
         rows = slice(self.host_index * b, (self.host_index + 1) * b)
 
         def put(a):
             return self.topology.global_batch(a[rows], batch_axis=0)
 
+        start = self.method.initial_state(state.params, self.cfg.train.batch_size)
         res = score_windows(self.model(state), self.batches.eval_batches(),
-                            state_policy="reset", tokenizer=self.batches.tokenizer, put=put)
+                            state_policy="reset", tokenizer=self.batches.tokenizer, put=put,
+                            state=start)
         return {"val_loss": res.loss, "val_bpb": res.bits_per_byte}
 
     # ---- checkpoints ---------------------------------------------------------------------------
@@ -339,7 +362,8 @@ class Trainer:
     # ---- the run -------------------------------------------------------------------------------
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train to ``train.max_steps`` (or pause after step ``stop_at``, as an interruption
-        would: the schedule still spans max_steps). Returns the last logged metrics.
+        would: the schedule still spans max_steps; ``stop_at=0`` does only what precedes the
+        first step, e.g. a fine-tune's step-0 record). Returns the last logged metrics.
 
         Holds the run directory's lock throughout (released on any exit). Raises
         :class:`~rwkv_jax.rundir.RunDirBusy`, :class:`ResumeError`, :class:`TrainingDiverged`
@@ -369,8 +393,12 @@ class Trainer:
                         self.run_dir / RunDir.RUN_CONFIG)
         mc, topo = self.model_cfg, self.topology
         mesh = topo.mesh.shape
+        ft = self.finetune
+        params = (f"{self.n_params / 1e6:.2f}M parameters" if ft is None else
+                  f"fine-tuning {ft.path} ({ft.method.name}): {self.n_params:,} trainable of "
+                  f"{self.n_total:,} parameters")
         log(f"rwkv-jax train: RWKV-{mc.version} L{mc.n_layer} C{mc.n_embd} V{mc.vocab_size}, "
-            f"{self.n_params / 1e6:.2f}M parameters, {len(self.batches.train_tokens):,} train / "
+            f"{params}, {len(self.batches.train_tokens):,} train / "
             f"{len(self.batches.val_tokens):,} val tokens, out_dir={self.out}"
             + (f" (resumed at step {self.step})" if resumed else "")
             + (f", {topo.process_count} processes x {topo.n_devices // topo.process_count} "
@@ -379,7 +407,7 @@ class Trainer:
         if topo.n_devices > 1:
             log(f"per device: {bytes_per_device(self.state.params) / 2**20:.1f} MiB parameters, "
                 f"{bytes_per_device(self.state.opt_state) / 2**20:.1f} MiB optimizer state")
-        stop = min(t.max_steps, stop_at or t.max_steps)
+        stop = min(t.max_steps, t.max_steps if stop_at is None else stop_at)
         metrics = _LastRecord()
         watch = hooks_lib.LossWatch(mc.vocab_size, t.divergence_threshold,
                                     self.checkpointer.meta(self.step) if resumed else None)
@@ -395,6 +423,8 @@ class Trainer:
         run_hooks.append(hooks_lib.Checkpoint(
             self.checkpointer, cfg.checkpoint.every,
             lambda step: {"step": step, "n_params": self.n_params, "model": model_dict}, watch))
+        if ft is not None and not resumed and len(self.batches.val_tokens) > 1:
+            self._log_start(run_hooks, log)
         tokens_per_step = t.batch_size * t.grad_accum * cfg.data.ctx_len
         try:
             self.state = loop.run(self.state, start=self.step, stop=stop, final=t.max_steps,
@@ -413,9 +443,24 @@ class Trainer:
             self.export()
         return last
 
+    def _log_start(self, run_hooks, log) -> None:
+        """A fine-tune's step 0: the checkpoint's own validation loss, before any training,
+        to stderr and metrics.jsonl."""
+        record = {"step": 0, **self.evaluate()}
+        log(f"step 0 (the checkpoint as loaded): val_loss {record['val_loss']:.4f}, "
+            f"val_bpb {record['val_bpb']:.4f}")
+        for hook in run_hooks:
+            if isinstance(hook, (hooks_lib.MetricsFile, hooks_lib.TensorBoard)):
+                hook(0, self.state, record)
+
     def export(self) -> list[str]:
-        """Write model.safetensors + config.json + tokenizer.json for :func:`rwkv_jax.load`."""
-        return self.run_dir.write_model(self.host_model(), self.batches.tokenizer)
+        """Write model.safetensors + config.json + tokenizer.json for :func:`rwkv_jax.load`
+        (a fine-tune adds its lora.safetensors or state.npz: :class:`finetune.Finetune`)."""
+        if self.finetune is None:
+            return self.run_dir.write_model(self.host_model(), self.batches.tokenizer)
+        params, frozen = self._host_parts()
+        return self.finetune.export(self.run_dir, self.method.build(self.graphdef, params, frozen),
+                                    params, self.batches.tokenizer)
 
 
 def _steps(steps) -> str:

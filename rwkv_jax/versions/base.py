@@ -64,6 +64,8 @@ class VersionSpec:
     names: ``{"hf": NameMap, "fla": NameMap}`` where those ecosystems have this version.
     unused_keys: regexes of official keys some checkpoints carry that the model does not
       use (dropped on load).
+    lora_targets: regexes (full match) of the official weight names LoRA adapts by default:
+      the time-mix and channel-mix projection matrices (:mod:`rwkv_jax.lora`).
     """
 
     version: str
@@ -79,6 +81,7 @@ class VersionSpec:
     lr_multipliers: Mapping[str, float]
     names: Mapping[str, NameMap] = dataclasses.field(default_factory=dict)
     unused_keys: tuple[str, ...] = ()
+    lora_targets: tuple[str, ...] = ()
 
     def drop_unused(self, tensors: Tensors) -> dict[str, Any]:
         """``tensors`` without the keys this version's model does not use."""

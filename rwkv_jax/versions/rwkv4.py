@@ -101,4 +101,6 @@ SPEC = VersionSpec(
     infer=lambda shapes: {},
     lr_multipliers={"time_first": 3.0, "time_decay": 2.0},
     names={"hf": names.HF_PREFIXED},
+    lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output)\.weight",
+                  r"blocks\.\d+\.ffn\.(key|value|receptance)\.weight"),
 )

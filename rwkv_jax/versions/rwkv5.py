@@ -128,6 +128,8 @@ SPEC_52 = VersionSpec(
     infer=lambda s: {"head_size": shape_of(s, _ATT + "time_faaaa", 1)},
     lr_multipliers={"time_decay": 2.0},
     names={"hf": names.HF_PREFIXED},
+    lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output|gate)\.weight",
+                  r"blocks\.\d+\.ffn\.(key|value|receptance)\.weight"),
 )
 
 
@@ -150,4 +152,6 @@ SPEC_51 = VersionSpec(
     infer=_infer_51,
     lr_multipliers={"time_first": 3.0, "time_decay": 2.0},
     names={"hf": names.HF_PREFIXED},
+    lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output)\.weight",  # no gate
+                  r"blocks\.\d+\.ffn\.(key|value|receptance)\.weight"),
 )

@@ -249,4 +249,6 @@ SPEC = VersionSpec(
     infer=_infer,
     lr_multipliers={"time_decay": 2.0},
     names={"hf": names.HF_PREFIXED, "fla": FLA6},
+    lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output|gate)\.weight",
+                  r"blocks\.\d+\.ffn\.(key|value|receptance)\.weight"),
 )

@@ -217,4 +217,7 @@ SPEC = VersionSpec(
     lr_multipliers={"w0": 2.0},
     names={"hf": FLA7, "fla": FLA7},
     unused_keys=(r"blocks\.0\.att\.v[012]",),  # layer 0 has no value residual
+    # the gate is the g1/g2 low-rank pair (no Linear); the channel-mix has no receptance
+    lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output)\.weight",
+                  r"blocks\.\d+\.ffn\.(key|value)\.weight"),
 )
