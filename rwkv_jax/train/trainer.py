@@ -16,6 +16,7 @@ writes logs, metrics, TensorBoard, config.yaml and the exported model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from typing import Any
@@ -35,7 +36,8 @@ from rwkv_jax.train.mesh import (
     Topology,
     build_topology,
     bytes_per_device,
-    tree_shardings,
+    state_shardings,
+    total_bytes,
 )
 from rwkv_jax.train.methods import Full
 from rwkv_jax.train.state import TrainState
@@ -105,6 +107,17 @@ def build_batches(cfg: RunConfig) -> Batches:
     return Batches(split.train, split.val, source.tokenizer, cfg)
 
 
+def _on_host():
+    """A context in which new arrays are made in host memory (the CPU backend's device) when
+    the run's devices are accelerators; a no-op where they are CPUs already."""
+    if jax.default_backend() == "cpu":
+        return contextlib.nullcontext()
+    try:
+        return jax.default_device(jax.local_devices(backend="cpu")[0])
+    except RuntimeError:  # no CPU backend in this install
+        return contextlib.nullcontext()
+
+
 class Trainer:
     """One training run: its data, model, optimizer, mesh, state and run directory."""
 
@@ -122,22 +135,29 @@ class Trainer:
                              f"tokenizer's vocabulary ({tok.vocab_size})")
         self.model_cfg = model_cfg
         t = cfg.train
-        self.topology: Topology = build_topology(cfg.mesh.data, cfg.mesh.fsdp, t.batch_size)
+        self.topology: Topology = build_topology(cfg.mesh.data, cfg.mesh.fsdp, t.batch_size,
+                                                 cfg.mesh.tensor)
         self.primary = self.topology.primary
-        model = RWKV(model_cfg, rngs=nnx.Rngs(t.seed))
+        with _on_host():  # the full model exists only in host memory; devices get shards
+            model = RWKV(model_cfg, rngs=nnx.Rngs(t.seed))
         self.method = Full()
         self.graphdef, params, frozen = self.method.split(model)
         self.n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         tx = optim.make_optimizer(params, tree_names(params), model_cfg.version, cfg.optimizer)
         self.lr = optim.schedule(cfg.optimizer, cfg.schedule, t.max_steps)
-        state = TrainState.create(params, frozen, tx, t.seed)
         topo = self.topology
-        self.state_shardings = TrainState(
-            step=topo.replicated, params=tree_shardings(topo, state.params),
-            frozen=tree_shardings(topo, state.frozen),
-            opt_state=tree_shardings(topo, state.opt_state), rng=topo.replicated)
-        self.state = jax.device_put(jax.device_get(state) if topo.process_count > 1 else state,
-                                    self.state_shardings)
+
+        def create(params, frozen):
+            return TrainState.create(params, frozen, tx, t.seed)
+
+        self.state_shardings, self.sharding_notes = state_shardings(
+            topo, jax.eval_shape(create, params, frozen), tx, model_cfg.spec.param_axes)
+        s = self.state_shardings
+        if topo.process_count > 1:  # every process holds the same host values
+            params, frozen = jax.device_get((params, frozen))
+        params, frozen = jax.device_put((params, frozen), (s.params, s.frozen))
+        # the optimizer state is made on the devices, each making only its own shards
+        self.state = jax.jit(create, out_shardings=s, donate_argnums=(0, 1))(params, frozen)
         self.host_index, self.host_count = topo.host_rows(t.batch_size)
         self.spec = StepSpec(graphdef=self.graphdef, method=self.method, tx=tx, lr=self.lr,
                              l2wrap=t.l2wrap)
@@ -145,6 +165,7 @@ class Trainer:
                                              topo.batch_sharding(3, 1), topo.replicated)
         self.checkpointer = Checkpointer(self.run_dir / RunDir.CHECKPOINTS, cfg.checkpoint.keep)
         self.step = 0
+        self._host_model: tuple[TrainState, RWKV] | None = None
 
     # ---- pieces the loop is given ------------------------------------------------------------
     @property
@@ -164,7 +185,14 @@ class Trainer:
 
     def host_model(self) -> RWKV:
         """The current parameters as a complete model in this process (gathered from every
-        device and process), e.g. to export or to sample from."""
+        device and process), e.g. to export or to sample from.
+
+        Several processes: a collective (parameters split across processes are all-gathered),
+        so every process must call it; :meth:`fit` does, for its export, and a later call
+        for the same state returns that model without gathering again (process 0 can then
+        sample alone)."""
+        if self._host_model is not None and self._host_model[0] is self.state:
+            return self._host_model[1]
         from jax.experimental import multihost_utils
         params, frozen = self.state.params, self.state.frozen
         if self.topology.process_count > 1:
@@ -172,7 +200,9 @@ class Trainer:
         else:
             params, frozen = jax.device_get((params, frozen))
         to_jnp = lambda t: jax.tree.map(jax.numpy.asarray, t)  # noqa: E731
-        return self.method.build(self.graphdef, to_jnp(params), to_jnp(frozen))
+        model = self.method.build(self.graphdef, to_jnp(params), to_jnp(frozen))
+        self._host_model = (self.state, model)
+        return model
 
     def evaluate(self, state: TrainState | None = None) -> dict[str, float]:
         """Validation loss (nats/token) and bits per byte over the configured eval windows,
@@ -220,10 +250,16 @@ class Trainer:
             + (f" (resumed at step {self.step})" if resumed else "")
             + (f", {topo.process_count} processes x {topo.n_devices // topo.process_count} "
                f"devices" if topo.process_count > 1 else "")
-            + (f", mesh data={mesh['data']} fsdp={mesh['fsdp']}" if topo.n_devices > 1 else ""))
+            + (f", mesh data={mesh['data']} fsdp={mesh['fsdp']}"
+               + (f" tensor={mesh['tensor']}" if mesh["tensor"] > 1 else "")
+               if topo.n_devices > 1 else ""))
         if topo.n_devices > 1:
-            log(f"per device: {bytes_per_device(self.state.params) / 2**20:.1f} MiB parameters, "
-                f"{bytes_per_device(self.state.opt_state) / 2**20:.1f} MiB optimizer state")
+            for note in self.sharding_notes:
+                log(f"sharding: {note}")
+            st, mib = self.state, 2 ** 20
+            log(f"per device: {bytes_per_device(st.params) / mib:.2f} MiB parameters (of "
+                f"{total_bytes(st.params) / mib:.2f}), {bytes_per_device(st.opt_state) / mib:.2f}"
+                f" MiB optimizer state (of {total_bytes(st.opt_state) / mib:.2f})")
         stop = min(t.max_steps, stop_at or t.max_steps)
         metrics = _LastRecord()
         run_hooks: list = [hooks_lib.Evaluate(t.eval_every, self.evaluate), metrics]
@@ -253,13 +289,15 @@ class Trainer:
             return last
         if "val_loss" not in last:
             last.update(self.evaluate())
-        if self.primary:
-            self.export()
+        self.export()  # every process: gathering the parameters is collective
         return last
 
     def export(self) -> list[str]:
-        """Write model.safetensors + config.json + tokenizer.json for :func:`rwkv_jax.load`."""
-        return self.run_dir.write_model(self.host_model(), self.batches.tokenizer)
+        """Write model.safetensors + config.json + tokenizer.json for :func:`rwkv_jax.load`
+        (process 0 writes; every process must call it, see :meth:`host_model`). Returns the
+        files written ([] on the other processes)."""
+        model = self.host_model()
+        return self.run_dir.write_model(model, self.batches.tokenizer) if self.primary else []
 
 
 class _LastRecord(loop.Every):

@@ -17,7 +17,8 @@ from rwkv_jax.io import names
 from rwkv_jax.model.layers import (F32, MatrixStateTimeMix, Module, heads, host_rng,
                                    init_ratios, linear, mix_vector, orthogonal, token_shift, vec)
 from rwkv_jax.ops.wkv7 import SUPPORTED, wkv7
-from rwkv_jax.versions.base import Extra, NameMap, VersionSpec, shape_of
+from rwkv_jax.versions.base import (COMMON_PARAM_AXES, VEC, Extra, NameMap, VersionSpec,
+                                    shape_of)
 from rwkv_jax.versions.rwkv5 import HEAD_EXTRAS
 
 # log decay = -exp(-0.5)·sigmoid(w_lin): per-step decay in (e^{-e^{-0.5}} ≈ 0.545, 1)
@@ -217,4 +218,10 @@ SPEC = VersionSpec(
     lr_multipliers={"w0": 2.0},
     names={"hf": FLA7, "fla": FLA7},
     unused_keys=(r"blocks\.0\.att\.v[012]",),  # layer 0 has no value residual
+    param_axes=COMMON_PARAM_AXES + (
+        (r"blocks\.\d+\.(att|ffn)\.x_[rwkvag]|blocks\.\d+\.att\.([wav]0|k_k|k_a)", VEC),
+        (r"blocks\.\d+\.att\.[wavg]1", ("embed", "lora")),
+        (r"blocks\.\d+\.att\.[wavg]2", ("lora", "heads")),
+        (r"blocks\.\d+\.att\.r_k", ("head", "head_dim")),
+    ),
 )
