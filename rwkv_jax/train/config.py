@@ -104,12 +104,15 @@ class LoggingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """The device mesh: ``data`` x ``fsdp`` devices (-1 in one of them: the remaining
-    devices). The batch is split over both; parameters and optimizer state are replicated
-    over ``data`` and sharded over ``fsdp`` (:mod:`rwkv_jax.train.mesh`)."""
+    """The device mesh: ``data`` x ``fsdp`` x ``tensor`` devices (-1 in one of them: the
+    remaining devices). The batch is split over ``data`` and ``fsdp``; parameters and
+    optimizer state are replicated over ``data``, split over ``fsdp`` (their ``embed``
+    dimension) and, with ``tensor`` > 1, over ``tensor`` (their ``vocab``/``ffn``/``heads``
+    dimensions): the rules of :mod:`rwkv_jax.train.mesh`."""
 
     data: int = -1
     fsdp: int = 1
+    tensor: int = 1
 
 
 FINETUNE_METHODS = ("full", "lora", "state")

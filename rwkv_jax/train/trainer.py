@@ -19,6 +19,7 @@ writes logs, metrics, TensorBoard, config.yaml and the exported model.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 from typing import Any
@@ -41,7 +42,8 @@ from rwkv_jax.train.mesh import (
     Topology,
     build_topology,
     bytes_per_device,
-    tree_shardings,
+    state_shardings,
+    total_bytes,
 )
 from rwkv_jax.train.methods import Full, State
 from rwkv_jax.train.state import TrainState
@@ -119,6 +121,17 @@ def build_batches(cfg: RunConfig, tokenizer=None) -> Batches:
     return Batches(split.train, split.val, source.tokenizer, cfg, source)
 
 
+def _on_host():
+    """A context in which new arrays are made in host memory (the CPU backend's device) when
+    the run's devices are accelerators; a no-op where they are CPUs already."""
+    if jax.default_backend() == "cpu":
+        return contextlib.nullcontext()
+    try:
+        return jax.default_device(jax.local_devices(backend="cpu")[0])
+    except RuntimeError:  # no CPU backend in this install
+        return contextlib.nullcontext()
+
+
 class Trainer:
     """One training run: its data, model, optimizer, mesh, state and run directory."""
 
@@ -144,12 +157,15 @@ class Trainer:
         self.cfg = cfg
         self.model_cfg = model_cfg
         t = cfg.train
-        self.topology: Topology = build_topology(cfg.mesh.data, cfg.mesh.fsdp, t.batch_size)
+        self.topology: Topology = build_topology(cfg.mesh.data, cfg.mesh.fsdp, t.batch_size,
+                                                 cfg.mesh.tensor)
         self.primary = self.topology.primary
         if ft is not None:
             model, self.method = ft.model, ft.method
         else:
-            model, self.method = RWKV(model_cfg, rngs=nnx.Rngs(t.seed)), Full()
+            with _on_host():  # the full model exists only in host memory; devices get shards
+                model = RWKV(model_cfg, rngs=nnx.Rngs(t.seed))
+            self.method = Full()
         self.graphdef, params, frozen = self.method.split(model)
         self.n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
         # every parameter of the run: the model's (adapters included) and a tuned state
@@ -157,14 +173,19 @@ class Trainer:
             self.n_params if isinstance(self.method, State) else 0)
         tx = optim.make_optimizer(params, tree_names(params), model_cfg.version, cfg.optimizer)
         self.lr = optim.schedule(cfg.optimizer, cfg.schedule, t.max_steps)
-        state = TrainState.create(params, frozen, tx, t.seed)
         topo = self.topology
-        self.state_shardings = TrainState(
-            step=topo.replicated, params=tree_shardings(topo, state.params),
-            frozen=tree_shardings(topo, state.frozen),
-            opt_state=tree_shardings(topo, state.opt_state), rng=topo.replicated)
-        self.state = jax.device_put(jax.device_get(state) if topo.process_count > 1 else state,
-                                    self.state_shardings)
+
+        def create(params, frozen):
+            return TrainState.create(params, frozen, tx, t.seed)
+
+        self.state_shardings, self.sharding_notes = state_shardings(
+            topo, jax.eval_shape(create, params, frozen), tx, model_cfg.spec.param_axes)
+        s = self.state_shardings
+        if topo.process_count > 1:  # every process holds the same host values
+            params, frozen = jax.device_get((params, frozen))
+        params, frozen = jax.device_put((params, frozen), (s.params, s.frozen))
+        # the optimizer state is made on the devices, each making only its own shards
+        self.state = jax.jit(create, out_shardings=s, donate_argnums=(0, 1))(params, frozen)
         self.host_index, self.host_count = topo.host_rows(t.batch_size)
         self.spec = StepSpec(graphdef=self.graphdef, method=self.method, tx=tx, lr=self.lr,
                              l2wrap=t.l2wrap)
@@ -172,6 +193,7 @@ class Trainer:
                                              topo.batch_sharding(3, 1), topo.replicated)
         self.checkpointer = Checkpointer(self.run_dir / RunDir.CHECKPOINTS, cfg.checkpoint.keep)
         self.step = 0
+        self._host_model: tuple[TrainState, RWKV] | None = None
 
     # ---- pieces the loop is given ------------------------------------------------------------
     @property
@@ -191,8 +213,17 @@ class Trainer:
 
     def host_model(self) -> RWKV:
         """The current parameters as a complete model in this process (gathered from every
-        device and process), e.g. to export or to sample from."""
-        return self.method.build(self.graphdef, *self._host_parts())
+        device and process), e.g. to export or to sample from.
+
+        Several processes: a collective (parameters split across processes are all-gathered),
+        so every process must call it; :meth:`fit` does, for its export, and a later call
+        for the same state returns that model without gathering again (process 0 can then
+        sample alone)."""
+        if self._host_model is not None and self._host_model[0] is self.state:
+            return self._host_model[1]
+        model = self.method.build(self.graphdef, *self._host_parts())
+        self._host_model = (self.state, model)
+        return model
 
     def _host_parts(self):
         """(trainable, frozen) of the current state, complete in this process (jnp)."""
@@ -403,10 +434,16 @@ class Trainer:
             + (f" (resumed at step {self.step})" if resumed else "")
             + (f", {topo.process_count} processes x {topo.n_devices // topo.process_count} "
                f"devices" if topo.process_count > 1 else "")
-            + (f", mesh data={mesh['data']} fsdp={mesh['fsdp']}" if topo.n_devices > 1 else ""))
+            + (f", mesh data={mesh['data']} fsdp={mesh['fsdp']}"
+               + (f" tensor={mesh['tensor']}" if mesh["tensor"] > 1 else "")
+               if topo.n_devices > 1 else ""))
         if topo.n_devices > 1:
-            log(f"per device: {bytes_per_device(self.state.params) / 2**20:.1f} MiB parameters, "
-                f"{bytes_per_device(self.state.opt_state) / 2**20:.1f} MiB optimizer state")
+            for note in self.sharding_notes:
+                log(f"sharding: {note}")
+            st, mib = self.state, 2 ** 20
+            log(f"per device: {bytes_per_device(st.params) / mib:.2f} MiB parameters (of "
+                f"{total_bytes(st.params) / mib:.2f}), {bytes_per_device(st.opt_state) / mib:.2f}"
+                f" MiB optimizer state (of {total_bytes(st.opt_state) / mib:.2f})")
         stop = min(t.max_steps, t.max_steps if stop_at is None else stop_at)
         metrics = _LastRecord()
         watch = hooks_lib.LossWatch(mc.vocab_size, t.divergence_threshold,
@@ -439,8 +476,7 @@ class Trainer:
             return last
         if "val_loss" not in last:
             last.update(self.evaluate())
-        if self.primary:
-            self.export()
+        self.export()  # every process: gathering the parameters is collective
         return last
 
     def _log_start(self, run_hooks, log) -> None:
@@ -455,10 +491,15 @@ class Trainer:
 
     def export(self) -> list[str]:
         """Write model.safetensors + config.json + tokenizer.json for :func:`rwkv_jax.load`
-        (a fine-tune adds its lora.safetensors or state.npz: :class:`finetune.Finetune`)."""
+        (a fine-tune adds its lora.safetensors or state.npz: :class:`finetune.Finetune`).
+        Process 0 writes; every process must call it (gathering is collective, see
+        :meth:`host_model`). Returns the files written ([] on the other processes)."""
         if self.finetune is None:
-            return self.run_dir.write_model(self.host_model(), self.batches.tokenizer)
+            model = self.host_model()
+            return self.run_dir.write_model(model, self.batches.tokenizer) if self.primary else []
         params, frozen = self._host_parts()
+        if not self.primary:
+            return []
         return self.finetune.export(self.run_dir, self.method.build(self.graphdef, params, frozen),
                                     params, self.batches.tokenizer)
 

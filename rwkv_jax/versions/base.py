@@ -66,6 +66,11 @@ class VersionSpec:
       use (dropped on load).
     lora_targets: regexes (full match) of the official weight names LoRA adapts by default:
       the time-mix and channel-mix projection matrices (:mod:`rwkv_jax.lora`).
+    param_axes: ``(regex, logical axes)`` pairs: each parameter whose official name
+      fullmatches the regex has those logical axis names, one per dimension (None: a
+      dimension no rule shards), e.g. ``("vocab", "embed")``; the first matching pair wins.
+      :data:`COMMON_PARAM_AXES` first, then the version's own. The mesh's
+      ``LOGICAL_AXIS_RULES`` (:mod:`rwkv_jax.train.mesh`) map these names to mesh axes.
     """
 
     version: str
@@ -82,6 +87,7 @@ class VersionSpec:
     names: Mapping[str, NameMap] = dataclasses.field(default_factory=dict)
     unused_keys: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = ()
+    param_axes: tuple[tuple[str, tuple[str | None, ...]], ...] = ()
 
     def drop_unused(self, tensors: Tensors) -> dict[str, Any]:
         """``tensors`` without the keys this version's model does not use."""
@@ -89,6 +95,31 @@ class VersionSpec:
             return dict(tensors)
         pattern = re.compile("|".join(f"(?:{p})" for p in self.unused_keys))
         return {k: v for k, v in tensors.items() if not pattern.fullmatch(k)}
+
+
+# Logical axis names of parameter dimensions (what :mod:`rwkv_jax.train.mesh` shards by):
+#   vocab      the vocabulary V
+#   embed      the residual width C (inputs of projections, outputs back into the stream)
+#   heads      the time-mix width H·N (projection outputs the WKV reads; = C in RWKV 4-7)
+#   ffn        the channel-mix hidden width F
+#   lora       a low-rank bottleneck (RWKV-6/7 data-dependent mixes and decays)
+#   head       the head count H of per-head parameters; head_dim: the head size N
+#   channel    a per-channel vector (LayerNorm scales, token-shift mixes, decays, bonuses):
+#              small, so the default rules never split it
+# Official [1, 1, C] vectors keep their two leading singleton dimensions as None.
+LOGICAL_AXES = ("vocab", "embed", "heads", "ffn", "lora", "head", "head_dim", "channel")
+VEC = (None, None, "channel")
+COMMON_PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"emb\.weight", ("vocab", "embed")),
+    (r"head\.weight", ("vocab", "embed")),
+    (r"(blocks\.\d+\.)?ln(0|1|2|_out)\.(weight|bias)", ("channel",)),
+    (r"blocks\.\d+\.att\.ln_x\.(weight|bias)", ("channel",)),
+    (r"blocks\.\d+\.att\.(receptance|key|value|gate)\.weight", ("heads", "embed")),
+    (r"blocks\.\d+\.att\.output\.weight", ("embed", "heads")),
+    (r"blocks\.\d+\.ffn\.key\.weight", ("ffn", "embed")),
+    (r"blocks\.\d+\.ffn\.value\.weight", ("embed", "ffn")),
+    (r"blocks\.\d+\.ffn\.receptance\.weight", ("embed", "embed")),
+)
 
 
 def shape_of(shapes: Shapes, key: str, axis: int) -> int | None:

@@ -15,7 +15,7 @@ from rwkv_jax.io import names
 from rwkv_jax.model.layers import (F32, Module, init_ratios, linear, mix_vector, token_shift,
                                    vec)
 from rwkv_jax.ops.wkv4 import SUPPORTED, Wkv4State, wkv4
-from rwkv_jax.versions.base import VersionSpec
+from rwkv_jax.versions.base import COMMON_PARAM_AXES, VEC, VersionSpec
 
 
 def expand_gain(d_out: int, d_in: int) -> float:
@@ -103,4 +103,8 @@ SPEC = VersionSpec(
     names={"hf": names.HF_PREFIXED},
     lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output)\.weight",
                   r"blocks\.\d+\.ffn\.(key|value|receptance)\.weight"),
+    param_axes=COMMON_PARAM_AXES + (
+        (r"blocks\.\d+\.att\.time_(decay|first)", ("channel",)),
+        (r"blocks\.\d+\.(att|ffn)\.time_mix_[kvr]", VEC),
+    ),
 )

@@ -23,7 +23,7 @@ from rwkv_jax.io import names
 from rwkv_jax.model.layers import (F32, MatrixStateTimeMix, heads, init_ratios, linear,
                                    mix_vector, token_shift, vec)
 from rwkv_jax.ops.wkv6 import SUPPORTED, wkv6
-from rwkv_jax.versions.base import Extra, VersionSpec, shape_of
+from rwkv_jax.versions.base import COMMON_PARAM_AXES, VEC, Extra, VersionSpec, shape_of
 from rwkv_jax.versions.rwkv4 import ChannelMix4
 
 
@@ -103,6 +103,7 @@ HEAD_EXTRAS = {
                                        "the tiny v5 fixtures were trained with 1e-5)"),
 }
 _ATT = "blocks.0.att."
+_MIX_AXES = ((r"blocks\.\d+\.(att|ffn)\.time_mix_[kvrg]", VEC),)
 
 
 def _has_ln_x(shapes) -> bool:
@@ -130,6 +131,9 @@ SPEC_52 = VersionSpec(
     names={"hf": names.HF_PREFIXED},
     lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output|gate)\.weight",
                   r"blocks\.\d+\.ffn\.(key|value|receptance)\.weight"),
+    param_axes=COMMON_PARAM_AXES + _MIX_AXES + (
+        (r"blocks\.\d+\.att\.time_(decay|faaaa)", ("head", "head_dim")),  # [H, N]
+    ),
 )
 
 
@@ -154,4 +158,7 @@ SPEC_51 = VersionSpec(
     names={"hf": names.HF_PREFIXED},
     lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output)\.weight",  # no gate
                   r"blocks\.\d+\.ffn\.(key|value|receptance)\.weight"),
+    param_axes=COMMON_PARAM_AXES + _MIX_AXES + (
+        (r"blocks\.\d+\.att\.time_(decay|first)", ("head",)),  # [H]
+    ),
 )

@@ -18,7 +18,8 @@ from rwkv_jax.io import names
 from rwkv_jax.model.layers import (F32, MatrixStateTimeMix, Module, heads, init_ratios, linear,
                                    mix_vector, param_uniform, token_shift, vec)
 from rwkv_jax.ops.wkv6 import SUPPORTED, wkv6
-from rwkv_jax.versions.base import Extra, NameMap, VersionSpec, shape_of
+from rwkv_jax.versions.base import (COMMON_PARAM_AXES, VEC, Extra, NameMap, VersionSpec,
+                                    shape_of)
 from rwkv_jax.versions.rwkv5 import HEAD_EXTRAS, ffn_size
 
 
@@ -251,4 +252,11 @@ SPEC = VersionSpec(
     names={"hf": names.HF_PREFIXED, "fla": FLA6},
     lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output|gate)\.weight",
                   r"blocks\.\d+\.ffn\.(key|value|receptance)\.weight"),
+    param_axes=COMMON_PARAM_AXES + (
+        (r"blocks\.\d+\.(att|ffn)\.time_maa_[xwkvrg]|blocks\.\d+\.att\.time_decay", VEC),
+        (r"blocks\.\d+\.att\.time_(maa|decay)_w1", ("embed", "lora")),
+        (r"blocks\.\d+\.att\.time_maa_w2", (None, "lora", "embed")),  # [5, D, C]
+        (r"blocks\.\d+\.att\.time_decay_w2", ("lora", "heads")),
+        (r"blocks\.\d+\.att\.time_faaaa", ("head", "head_dim")),
+    ),
 )

@@ -17,7 +17,8 @@ from rwkv_jax.io import names
 from rwkv_jax.model.layers import (F32, MatrixStateTimeMix, Module, heads, host_rng,
                                    init_ratios, linear, mix_vector, orthogonal, token_shift, vec)
 from rwkv_jax.ops.wkv7 import SUPPORTED, wkv7
-from rwkv_jax.versions.base import Extra, NameMap, VersionSpec, shape_of
+from rwkv_jax.versions.base import (COMMON_PARAM_AXES, VEC, Extra, NameMap, VersionSpec,
+                                    shape_of)
 from rwkv_jax.versions.rwkv5 import HEAD_EXTRAS
 
 # log decay = -exp(-0.5)·sigmoid(w_lin): per-step decay in (e^{-e^{-0.5}} ≈ 0.545, 1)
@@ -220,4 +221,10 @@ SPEC = VersionSpec(
     # the gate is the g1/g2 low-rank pair (no Linear); the channel-mix has no receptance
     lora_targets=(r"blocks\.\d+\.att\.(receptance|key|value|output)\.weight",
                   r"blocks\.\d+\.ffn\.(key|value)\.weight"),
+    param_axes=COMMON_PARAM_AXES + (
+        (r"blocks\.\d+\.(att|ffn)\.x_[rwkvag]|blocks\.\d+\.att\.([wav]0|k_k|k_a)", VEC),
+        (r"blocks\.\d+\.att\.[wavg]1", ("embed", "lora")),
+        (r"blocks\.\d+\.att\.[wavg]2", ("lora", "heads")),
+        (r"blocks\.\d+\.att\.r_k", ("head", "head_dim")),
+    ),
 )
