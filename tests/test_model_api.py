@@ -163,3 +163,12 @@ def test_call_inside_vmap_and_grad_wrt_state(model):
     per_row = jax.vmap(lambda t: nnx.merge(graphdef, params)(t[None])[0][0])(x)
     full, _ = model(x)
     np.testing.assert_allclose(np.asarray(per_row), np.asarray(full), atol=1e-5, rtol=1e-5)
+
+
+def test_call_with_concrete_inputs_inside_a_trace(model):
+    """Inside jit, a call whose own arguments are all concrete (the traced value reaches the
+    computation some other way) runs inline instead of through the eager path."""
+    x = _tokens(5)
+    want, _ = model(x)
+    got = jax.jit(lambda scale: model(x)[0] * scale)(2.0)
+    np.testing.assert_allclose(np.asarray(got), 2.0 * np.asarray(want), rtol=1e-6, atol=1e-6)

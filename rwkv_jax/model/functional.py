@@ -100,6 +100,22 @@ def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+try:  # jax's own record of whether a trace is active (no public spelling in jax 0.10/0.11)
+    from jax._src.core import trace_state_clean as _trace_state_clean
+except ImportError:  # pragma: no cover - a jax without it: the leaf check alone
+    _trace_state_clean = None
+
+
+def under_trace(*leaves) -> bool:
+    """True inside jit/grad/vmap tracing: some of ``leaves`` is a tracer, or a trace is
+    active although every argument is concrete (a traced value can reach the computation
+    another way, e.g. a LoRA dropout key set by :func:`~rwkv_jax.model.layers.dropout_key`
+    inside a jitted function)."""
+    if any(is_traced(x) for x in leaves):
+        return True
+    return _trace_state_clean is not None and not _trace_state_clean()
+
+
 def dotted_name(path) -> str:
     """``"blocks.3.att.key.weight"`` from a path: an NNX state path (str / int parts) or a JAX
     key path (``DictKey``, ``GetAttrKey``, ``SequenceKey`` entries). The ``.value`` entry a

@@ -165,7 +165,7 @@ class RWKV(Module):
         moduledef, values = functional.split(self)
         leaves = [tokens, values[0] if values else None,
                   *(jax.tree.leaves(state)[:1] if state is not None else ())]
-        if any(functional.is_traced(x) for x in leaves):
+        if functional.under_trace(*leaves):
             return self.forward(tokens, state, logits_to_keep=keep)
         return _eager_call(self, moduledef, values, tokens, state, keep)
 
