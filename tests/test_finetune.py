@@ -272,7 +272,12 @@ def test_state_tuning_keeps_the_weights_and_the_state_helps(tmp_path, fixtures_d
     plain = capsys.readouterr().out
     assert main([*args, "--state-in", str(run / "state.npz")]) == 0
     stated = capsys.readouterr().out
-    assert stated != plain
+    # the state reaches the prompt's logits (greedy text on a 730K model may still agree)
+    ids = np.asarray([list(prompt.encode())], np.int32)
+    lp, _ = model(ids, logits_to_keep=1)
+    ls, _ = model(ids, tuned, logits_to_keep=1)
+    assert float(np.max(np.abs(np.asarray(lp) - np.asarray(ls)))) > 1e-3
+    assert plain == generate(model, ByteTokenizer(), prompt, temperature=0, max_tokens=24)
     assert stated == generate(model, ByteTokenizer(), prompt, state=tuned, temperature=0,
                               max_tokens=24)
 
