@@ -13,8 +13,19 @@ command-line overrides on top of the config; variants run one after the other::
     python benchmarks/bench_shakespeare.py --variant "lr4e-3=optimizer.lr=4e-3 optimizer.lr_final=4e-4" \\
         --variant "l2wrap-off=train.l2wrap=false" --json out/shakespeare.json
 
+With ``--nanogpt PATH`` (a checkout of karpathy/nanoGPT; its code is not part of this
+project) nanoGPT's own ``train.py`` runs in the same session, alternated with ours for
+``--rounds`` rounds, with the CPU recipe of its README (4 layers x 128, context 64, batch 12,
+2000 iterations, ``--device=cpu --compile=False --eval_iters=20 --dropout=0.0``) and
+``--nanogpt-python`` (an interpreter with torch). The data is the same file, split as
+nanoGPT's ``data/shakespeare_char/prepare.py`` splits it (first 90% train, sorted-char vocab),
+written by this script (prepare.py would download the text)::
+
+    python benchmarks/bench_shakespeare.py --nanogpt ~/src/nanoGPT --rounds 2
+
 Anchor (docs/benchmarks.md): nanoGPT 4 layers x 128, 0.80M parameters, val loss 1.8857 in
-78 s wall on this 2-core machine (2 torch threads). Target: val loss <= 1.80.
+78 s wall on this 2-core machine (2 torch threads). Target: val loss <= 1.80, and the whole
+command's wall time at most nanoGPT's.
 """
 
 from __future__ import annotations
@@ -104,6 +115,61 @@ def run_one(name: str, overrides: list[str], args) -> dict:
     return res
 
 
+NANOGPT_ARGS = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False",
+                "--eval_iters=20", "--log_interval=100", "--block_size=64", "--batch_size=12",
+                "--n_layer=4", "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def prepare_nanogpt_data(checkout: str, text_path: str) -> None:
+    """nanoGPT's shakespeare_char files from ``text_path``: train.bin / val.bin (uint16 ids of
+    the first 90% / last 10%) and meta.pkl (vocab_size, stoi, itos), the layout its train.py
+    reads."""
+    import pickle
+
+    import numpy as np
+    d = os.path.join(checkout, "data", "shakespeare_char")
+    with open(text_path) as f:
+        text = f.read()
+    chars = sorted(set(text))
+    stoi = {c: i for i, c in enumerate(chars)}
+    ids = np.array([stoi[c] for c in text], np.uint16)
+    n = int(len(text) * 0.9)
+    ids[:n].tofile(os.path.join(d, "train.bin"))
+    ids[n:].tofile(os.path.join(d, "val.bin"))
+    with open(os.path.join(d, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "stoi": stoi,
+                     "itos": dict(enumerate(chars))}, f)
+
+
+def run_nanogpt(args, round_no: int) -> dict:
+    """nanoGPT's own train.py in a subprocess (its checkout as cwd); wall time of the whole
+    command and the last ``step N: ... val loss X`` line it prints."""
+    out = os.path.join(args.out_root, f"nanogpt-{round_no}")
+    cmd = [args.nanogpt_python, "train.py", *NANOGPT_ARGS, f"--out_dir={out}"]
+    if args.threads == 1:
+        cmd = ["taskset", "-c", "0"] + cmd
+    log_path = os.path.join(args.out_root, f"nanogpt-{round_no}.log")
+    os.makedirs(args.out_root, exist_ok=True)
+    print(f"[nanogpt {round_no}] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    load0 = os.getloadavg()
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=args.nanogpt, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    res = {"name": f"nanogpt-{round_no}", "rc": os.waitstatus_to_exitcode(status),
+           "wall_s": wall, "peak_rss_gb": usage.ru_maxrss / 2**20, "load_avg_start": load0,
+           "log": log_path}
+    with open(log_path) as f:
+        lines = [ln for ln in f if ln.startswith("step ") and "val loss" in ln]
+    if res["rc"] == 0 and lines:
+        res["val_loss"] = float(lines[-1].rsplit("val loss", 1)[1].strip(" ,\n"))
+    print(f"[nanogpt {round_no}] val {res.get('val_loss')}, {wall:.0f} s", file=sys.stderr,
+          flush=True)
+    return res
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=os.path.join(REPO, "configs", "shakespeare-char.yaml"))
@@ -116,6 +182,11 @@ def main(argv=None):
                    help="1: taskset -c 0 and single-threaded XLA; 2: XLA's default pool")
     p.add_argument("--out-root", default=os.path.join(tempfile.gettempdir(), "rwkv_jax_bench",
                                                       "shakespeare"))
+    p.add_argument("--nanogpt", help="a karpathy/nanoGPT checkout: run it in the same session")
+    p.add_argument("--nanogpt-python", default=_common.OFFICIAL_PYTHON,
+                   help="the interpreter (with torch) for nanoGPT")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --nanogpt: alternate the two commands this many times")
     p.add_argument("--json", help="write all results to this file")
     args = p.parse_args(argv)
     args.config = os.path.abspath(args.config)
@@ -126,13 +197,26 @@ def main(argv=None):
         name, _, rest = v.partition("=")
         runs.append((name, rest.split()))
     env = _common.env_info(("jax", "jaxlib", "flax", "optax", "numpy"))
-    results = [run_one(name, ov, args) for name, ov in runs]
+    results, peers = [], []
+    if args.nanogpt:
+        args.nanogpt = os.path.abspath(os.path.expanduser(args.nanogpt))
+        prepare_nanogpt_data(args.nanogpt, args.data)
+    for round_no in range(args.rounds if args.nanogpt else 1):
+        results += [run_one(name if round_no == 0 else f"{name}-{round_no}", ov, args)
+                    for name, ov in runs]
+        if args.nanogpt:
+            peers.append(run_nanogpt(args, round_no))
 
     print(f"char-level tiny Shakespeare, context 64, batch 12, 2000 iterations, "
           f"threads={args.threads}; config {os.path.relpath(args.config, REPO)}")
     print(_common.format_env(env))
     rows = [["nanoGPT 4x128 (torch, docs/benchmarks.md)", f"{NANOGPT['params'] / 1e6:.2f}M",
              f"{NANOGPT['val_loss']:.4f}", f"{NANOGPT['wall_s']:.0f}", "-", "-", "-"]]
+    for r in peers:
+        rows.append([f"{r['name']}: nanoGPT's own code, same session", "0.80M",
+                     f"{r['val_loss']:.4f}" if "val_loss" in r else f"failed ({r['rc']})",
+                     f"{r['wall_s']:.0f}", f"{r['peak_rss_gb']:.2f}", "-",
+                     " ".join(f"{x:.1f}" for x in r["load_avg_start"])])
     for r in results:
         if r["rc"] != 0:
             rows.append([r["name"], "-", f"failed ({r['rc']})", "-", "-", "-", "-"])
@@ -146,12 +230,19 @@ def main(argv=None):
          "load avg at start"], rows))
     print(f"\ntarget: val loss <= {TARGET} with <= 0.80M parameters; "
           f"val loss over the whole validation split (last 10%).")
+    ok = [r for r in results if r["rc"] == 0]
+    if peers and ok and all("val_loss" in r for r in peers):
+        ours = sorted(r["wall_s"] for r in ok)[len(ok) // 2]
+        theirs = sorted(r["wall_s"] for r in peers)[len(peers) // 2]
+        print(f"\nwall time, median of the rounds: rwkv-jax {ours:.0f} s, nanoGPT {theirs:.0f} s "
+              f"-> rwkv-jax takes {ours / theirs:.2f}x nanoGPT's time")
     for r in results:
         if r.get("val_curve"):
             print(f"{r['name']} val curve: {r['val_curve']}")
     if args.json:
         _common.write_json(args.json, {"args": vars(args), "env": env, "nanogpt": NANOGPT,
-                                       "target": TARGET, "results": results})
+                                       "target": TARGET, "results": results,
+                                       "nanogpt_runs": peers})
 
 
 if __name__ == "__main__":
