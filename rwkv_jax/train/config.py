@@ -79,8 +79,9 @@ class TrainConfig:
     chunks of that many tokens, the recurrent state carried from chunk to chunk, so
     activation memory follows ``chunk_len``, not ``ctx_len`` (RWKV's "infctx"; 0 = whole
     rows). ``chunk_grad``: "full" backpropagates through the carried state (the gradient
-    of whole rows, exactly); "truncated" stops it between chunks (cheaper, an
-    approximation: a chunk's loss does not train what earlier chunks wrote into the state).
+    of whole rows, exactly); "truncated" stops it between chunks (RWKV-PEFT-style truncated
+    backpropagation, an approximation: a chunk's loss does not train what earlier chunks
+    wrote into the state; here it saves no memory, only the state's backward pass).
     See :func:`rwkv_jax.train.step.loss_fn`."""
 
     max_steps: int = 500

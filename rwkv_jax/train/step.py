@@ -63,7 +63,8 @@ class StepSpec:
     chunk_len: 0 = each row runs whole; > 0 = in chunks of this many tokens (it divides
       the row length), the state carried between them (:func:`loss_fn`).
     chunk_grad: "full" (backpropagate through the carried state: exact) or "truncated"
-      (``stop_gradient`` on it between chunks: an approximation).
+      (``stop_gradient`` on it between chunks: an approximation; same memory, since each
+      chunk's input state is kept either way).
     """
 
     graphdef: Any
