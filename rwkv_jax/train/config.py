@@ -70,8 +70,20 @@ class ScheduleConfig:
     warmup_start: float = 0.2
 
 
+CHUNK_GRADS = ("full", "truncated")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """The training loop. ``chunk_len`` > 0 trains each row of ``data.ctx_len`` tokens in
+    chunks of that many tokens, the recurrent state carried from chunk to chunk, so
+    activation memory follows ``chunk_len``, not ``ctx_len`` (RWKV's "infctx"; 0 = whole
+    rows). ``chunk_grad``: "full" backpropagates through the carried state (the gradient
+    of whole rows, exactly); "truncated" stops it between chunks (RWKV-PEFT-style truncated
+    backpropagation, an approximation: a chunk's loss does not train what earlier chunks
+    wrote into the state; here it saves no memory, only the state's backward pass).
+    See :func:`rwkv_jax.train.step.loss_fn`."""
+
     max_steps: int = 500
     batch_size: int = 16
     grad_accum: int = 1
@@ -88,6 +100,8 @@ class TrainConfig:
     # a checkpoint saved with a training loss above this is "diverged" (kept, not resumed
     # from by default); None: max(10 x the best smoothed loss, ln(vocab) + 3)
     divergence_threshold: float | None = None
+    chunk_len: int = 0
+    chunk_grad: str = "full"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,6 +242,7 @@ _CHOICES = {
     "schedule.kind": ("cosine", "exponential", "constant"),
     "data.loss_on": ("all", "response"),  # or null
     "finetune.method": FINETUNE_METHODS,
+    "train.chunk_grad": CHUNK_GRADS,
 }
 
 
@@ -259,6 +274,7 @@ _RANGES = {
     "train.eval_every": (lambda v: v >= 0, "must be >= 0 (0 = no evaluation)"),
     "train.log_every": _at_least(1),
     "train.sample_tokens": _at_least(0),
+    "train.chunk_len": (lambda v: v >= 0, "must be >= 0 (0 = whole rows)"),
     "checkpoint.every": _at_least(1),
     "checkpoint.keep": _at_least(1),
     "mesh.data": (lambda v: v == -1 or v >= 1, "must be -1 (the remaining devices) or >= 1"),
@@ -443,6 +459,7 @@ def load_config(path: str | pathlib.Path | None = None,
     if isinstance(ft, dict) and ft.get("init_from") is not None and "model" in tree:
         model_explicit = _model_keys(tree.pop("model"))
     cfg = _build(RunConfig, tree, "")
+    _validate(cfg)
     return dataclasses.replace(cfg, vocab_size_explicit=explicit_vocab, explicit=explicit,
                                model_explicit=model_explicit)
 
@@ -479,6 +496,9 @@ def _validate(cfg: RunConfig) -> None:
     if t.eval_every > 0 and t.eval_batches < 1:
         raise ConfigError(f"train.eval_batches: must be >= 1 when train.eval_every > 0, got "
                           f"{t.eval_batches}")
+    if t.chunk_len > 0 and cfg.data.ctx_len % t.chunk_len:
+        raise ConfigError(f"train.chunk_len: data.ctx_len ({cfg.data.ctx_len}) must be a "
+                          f"multiple of train.chunk_len ({t.chunk_len})")
     _check_tokenizer(cfg.data.tokenizer)
 
 

@@ -13,6 +13,7 @@ The cross-entropy itself is :func:`rwkv_jax.evaluate.cross_entropy` (defined onc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -102,23 +103,30 @@ def make_optimizer(params, names, version: str,
     return optax.chain(*parts)
 
 
-@jax.custom_vjp
-def l2wrap(loss: jax.Array, logits: jax.Array) -> jax.Array:
+def l2wrap(loss: jax.Array, logits: jax.Array, positions: int | None = None) -> jax.Array:
     """Identity on ``loss``; its backward adds RWKV-LM's L2Wrap gradient to ``logits``.
 
     ``logits`` [B, T, V]: the position of each row's maximum gets
-    ``grad_output · max · 1e-4 / (B·T)``.
+    ``grad_output · max · 1e-4 / positions``; ``positions`` defaults to ``B·T``. A loss
+    computed in chunks passes the whole batch's ``B·T`` for each chunk's logits, so the
+    gradient is that of the unchunked loss.
     """
-    del logits
+    n = logits.shape[0] * logits.shape[1] if positions is None else int(positions)
+    return _l2wrap(loss, logits, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _l2wrap(loss, logits, n):
+    del logits, n
     return loss
 
 
-def _l2wrap_fwd(loss, logits):
+def _l2wrap_fwd(loss, logits, n):
+    del n
     return loss, logits
 
 
-def _l2wrap_bwd(logits, g):
-    n = logits.shape[0] * logits.shape[1]
+def _l2wrap_bwd(n, logits, g):
     idx = jnp.argmax(logits, axis=-1)
     top = jnp.take_along_axis(logits, idx[..., None], axis=-1)
     gy = (jax.nn.one_hot(idx, logits.shape[-1], dtype=logits.dtype)
@@ -126,4 +134,4 @@ def _l2wrap_bwd(logits, g):
     return g, (g * gy).astype(logits.dtype)
 
 
-l2wrap.defvjp(_l2wrap_fwd, _l2wrap_bwd)
+_l2wrap.defvjp(_l2wrap_fwd, _l2wrap_bwd)

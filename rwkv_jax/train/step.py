@@ -8,6 +8,9 @@ the training loop only calls the compiled step.
 One step: ``grad_accum`` micro-batches (a ``lax.scan``; each is ``batch_size`` rows), the
 masked cross-entropy (:func:`rwkv_jax.evaluate.cross_entropy`) with RWKV-LM's L2Wrap,
 AdamW with the official groups, the learning rate read from the schedule at ``state.step``.
+With ``chunk_len`` set, each micro-batch's rows run in chunks with the recurrent state
+carried between them and every chunk rematerialised in the backward ("infctx": activation
+memory follows the chunk, not the row; see :func:`loss_fn`).
 Randomness (LoRA dropout) comes from ``state.rng`` folded with the step and the micro-batch
 index, so a resumed run draws the same masks.
 A step whose loss, gradient norm or updated parameters / optimizer state are not all
@@ -26,7 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rwkv_jax.evaluate import cross_entropy
+from rwkv_jax.evaluate import cross_entropy, token_nll
+from rwkv_jax.model import functional
 from rwkv_jax.model.layers import dropout_key
 from rwkv_jax.train import optim
 from rwkv_jax.train.state import TrainState
@@ -56,6 +60,11 @@ class StepSpec:
     tx: the optimizer (without the learning rate; see :func:`rwkv_jax.train.optim`).
     lr: ``lr(step) -> float32`` (jnp, traced on the step counter).
     l2wrap: apply RWKV-LM's L2Wrap to the logits.
+    chunk_len: 0 = each row runs whole; > 0 = in chunks of this many tokens (it divides
+      the row length), the state carried between them (:func:`loss_fn`).
+    chunk_grad: "full" (backpropagate through the carried state: exact) or "truncated"
+      (``stop_gradient`` on it between chunks: an approximation; same memory, since each
+      chunk's input state is kept either way).
     """
 
     graphdef: Any
@@ -63,19 +72,82 @@ class StepSpec:
     tx: optax.GradientTransformation
     lr: Callable
     l2wrap: bool = True
+    chunk_len: int = 0
+    chunk_grad: str = "full"
+
+    def __post_init__(self):
+        if self.chunk_grad not in ("full", "truncated"):
+            raise ValueError(f"chunk_grad must be 'full' or 'truncated', got "
+                             f"{self.chunk_grad!r}")
 
 
 def loss_fn(params, frozen, micro: Batch, key: jax.Array, *, spec: StepSpec) -> jax.Array:
     """Masked mean cross-entropy of one micro-batch (``[B, T]`` arrays), with L2Wrap.
-    ``key``: the micro-batch's PRNG key (typed), for dropout."""
+    ``key``: the micro-batch's PRNG key (typed), for dropout.
+
+    With ``spec.chunk_len`` = L > 0 the T tokens run as T/L chunks in a ``lax.scan``, the
+    model's state carried from one chunk to the next, and each chunk's forward and loss
+    under ``jax.checkpoint``: the backward keeps only each chunk's input state and recomputes
+    the chunk, so activation memory is that of L tokens (plus T/L states). The value is the
+    same quantity as whole rows (the per-chunk masked sums over the whole micro-batch's
+    mask count), L2Wrap is normalised by the whole B·T, and with ``chunk_grad="full"`` the
+    gradient is the whole-row gradient (up to float rounding); "truncated" stops it at the
+    carried state, so a chunk's loss trains nothing through what earlier chunks wrote into
+    the state (the initial state still trains through the first chunk). LoRA dropout draws
+    chunk ``i``'s masks from ``fold_in(key, i)``."""
     model = spec.method.build(spec.graphdef, params, frozen)
     state0 = spec.method.initial_state(params, micro.x.shape[0])
+    if spec.chunk_len:
+        return _chunked_loss(model, state0, micro, key, spec)
     extra = {} if micro.resets is None else {"resets": micro.resets}
     with dropout_key(key):
         logits, _ = model(micro.x, state0, **extra)
     loss = cross_entropy(logits, micro.y, micro.mask)
     if spec.l2wrap:
         loss = optim.l2wrap(loss, logits)
+    return loss
+
+
+def _chunked_loss(model, state0, micro: Batch, key: jax.Array, spec: StepSpec) -> jax.Array:
+    """:func:`loss_fn` for ``spec.chunk_len`` > 0 (see there)."""
+    B, T = micro.x.shape
+    L = spec.chunk_len
+    if T % L:
+        raise ValueError(f"chunk_len {L} does not divide the row length {T}")
+    mask = jnp.ones((B, T), jnp.float32) if micro.mask is None else micro.mask.astype(
+        jnp.float32)
+    count = jnp.maximum(jnp.sum(mask), 1.0)
+    if state0 is None:
+        state0 = model.init_state(B)
+    moduledef, values = functional.split(model)
+
+    def chunks(a):  # [B, T] -> [T/L, B, L]
+        return None if a is None else a.reshape(B, T // L, L).swapaxes(0, 1)
+
+    def chunk(values, state, x, y, m, resets, count, key):
+        extra = {} if resets is None else {"resets": resets}
+        with dropout_key(key):
+            logits, state = moduledef.merge(values)(x, state, **extra)
+        nll, _ = token_nll(logits, y)
+        loss = jnp.sum(nll * m) / count
+        if spec.l2wrap:
+            loss = optim.l2wrap(loss, logits, B * T)
+        return loss, state
+
+    # prevent_cse=False: inside a scan the recomputation cannot be merged away anyway
+    chunk = jax.checkpoint(chunk, prevent_cse=False)
+
+    def body(carry, xs):
+        total, state = carry
+        i, x, y, m, resets = xs
+        loss, state = chunk(values, state, x, y, m, resets, count, jax.random.fold_in(key, i))
+        if spec.chunk_grad == "truncated":
+            state = jax.lax.stop_gradient(state)
+        return (total + loss, state), None
+
+    xs = (jnp.arange(T // L), chunks(micro.x), chunks(micro.y), chunks(mask),
+          chunks(micro.resets))
+    (loss, _), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), state0), xs)
     return loss
 
 

@@ -188,7 +188,8 @@ class Trainer:
         self.state = jax.jit(create, out_shardings=s, donate_argnums=(0, 1))(params, frozen)
         self.host_index, self.host_count = topo.host_rows(t.batch_size)
         self.spec = StepSpec(graphdef=self.graphdef, method=self.method, tx=tx, lr=self.lr,
-                             l2wrap=t.l2wrap)
+                             l2wrap=t.l2wrap, chunk_len=t.chunk_len,
+                             chunk_grad=t.chunk_grad)
         self.train_step = compile_train_step(self.spec, self.state_shardings,
                                              topo.batch_sharding(3, 1), topo.replicated)
         self.checkpointer = Checkpointer(self.run_dir / RunDir.CHECKPOINTS, cfg.checkpoint.keep)
