@@ -37,3 +37,41 @@ def shared_dir() -> pathlib.Path:
     if not SHARED.exists():
         pytest.skip(f"../shared not found at {SHARED} (set RWKV_JAX_SHARED)")
     return SHARED
+
+
+# ---- the default command and the slow matrix ----------------------------------------------
+# `python -m pytest` (the README's command, CI's) leaves out tests marked slow (pyproject's
+# addopts); `python -m pytest -m slow` runs them. Besides the tests marked at their
+# definition, the node ids matching these regexes (re.match) are slow: the exhaustive matrix
+# over every fixture x every WKV form, whose every axis the default command still covers
+# (every fixture in its default form, every form on one fixture, every form at op level
+# against fp64). Chosen from measured durations (tens of seconds each on 2 cores).
+SLOW_NODES = (
+    # the model on every fixture in every form: on CPU "scan" is what "auto" runs; the Pallas
+    # kernels are checked at op level (test_kernels_*) and on RWKV-7 here
+    r"tests/test_parity\.py::.*-scan\]",
+    r"tests/test_parity\.py::.*\[rwkv[456].*-pallas\]",
+    r"tests/test_parity\.py::.*\[rwkv5\.[12]-tiny-730k-(chunked|associative)\]",
+    r"tests/test_parity\.py::.*\[rwkv6-tiny-3m-associative\]",
+    r"tests/test_parity\.py::test_inside_user_jit_and_grad\[rwkv[56]",
+    r"tests/test_parity\.py::test_logits_to_keep\[rwkv[456]",
+    r"tests/test_parity\.py::test_prefix_then_state_any_cut\[rwkv[56]",
+    r"tests/test_generate\.py::test_greedy_matches_official\[rwkv(5\.1|6)",
+    r"tests/test_versions\.py::test_version_trains_exports_generates\[(5\.1|5\.2|6)\]",
+    # multi-process and multi-device runs (test_fsdp covers the 8-device mesh by default)
+    r"tests/test_train\.py::test_two_processes_match_one_process_and_resume",
+    r"tests/test_train\.py::test_data_parallel_on_8_cpu_devices_matches_one_device",
+    r"tests/test_train\.py::test_raising_max_steps_continues",
+    r"tests/test_train\.py::test_bf16_compute_trains",
+    r"tests/test_train\.py::test_nonfinite_step_stops_and_keeps_checkpoint\[update\]",
+    # the TPU (Mosaic) lowering in the TPU interpreter; the CPU interpreter runs by default
+    r"tests/test_kernels_wkv\d\.py::test_tpu_layout_in_the_tpu_interpreter",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    import re
+    slow = re.compile("|".join(f"(?:{p})" for p in SLOW_NODES))
+    for item in items:
+        if slow.match(item.nodeid):
+            item.add_marker(pytest.mark.slow)
