@@ -485,10 +485,6 @@ def _validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.eval_batches: must be >= 1 when train.eval_every > 0, got "
                           f"{t.eval_batches}")
     _check_tokenizer(cfg.data.tokenizer)
-    if cfg.data.pack and cfg.finetune.init_from is not None and cfg.finetune.method == "state":
-        raise ConfigError("data.pack: packed documents start from the empty state, which "
-                          "would discard the tuned state of finetune.method=state; use "
-                          "data.pack=false")
 
 
 def _check_data_path(path: str | None) -> None:

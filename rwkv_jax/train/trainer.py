@@ -140,6 +140,11 @@ class Trainer:
     """One training run: its data, model, optimizer, mesh, state and run directory."""
 
     def __init__(self, cfg: RunConfig, batches: Batches | None = None):
+        if cfg.data.pack and cfg.finetune.init_from is not None \
+                and cfg.finetune.method == "state":
+            raise ConfigError("data.pack: packed documents start from the empty state, which "
+                              "would discard the tuned state of finetune.method=state; use "
+                              "data.pack=false")
         self.run_dir = RunDir(cfg.out_dir)
         self.out = self.run_dir.path
         # a fine-tune: the model, its config, the method and the tokenizer follow the
