@@ -443,9 +443,15 @@ def group_norm(x: jax.Array, weight: jax.Array, bias: jax.Array, n_groups: int,
     return y * _along_last(weight, y) + _along_last(bias, y)
 
 
-def token_shift(x: jax.Array, x_prev: jax.Array) -> jax.Array:
-    """The previous token's vector at every position: [B, T, C] with row 0 = ``x_prev`` [B, C]."""
-    return jnp.concatenate([x_prev[:, None, :].astype(x.dtype), x[:, :-1]], axis=1)
+def token_shift(x: jax.Array, x_prev: jax.Array, resets: jax.Array | None = None) -> jax.Array:
+    """The previous token's vector at every position: [B, T, C] with row 0 = ``x_prev`` [B, C].
+
+    ``resets`` (bool [B, T] or None): where True, a document starts and its first token sees
+    zeros (the empty state's ``x_prev``) instead of the token before it. None adds no op."""
+    shifted = jnp.concatenate([x_prev[:, None, :].astype(x.dtype), x[:, :-1]], axis=1)
+    if resets is None:
+        return shifted
+    return jnp.where(resets[:, :, None], jnp.zeros((), shifted.dtype), shifted)
 
 
 def mix_vector(values, param_dtype) -> nnx.Param:

@@ -6,13 +6,22 @@ are the official checkpoint keys. The model is a pure function of its inputs and
     logits, state = model(tokens)                     # [B, T] int -> [B, T, V] float32
     logits, state = model(more, state)                # continue from the returned state
     last, state = model(prompt, logits_to_keep=1)     # [B, 1, V]: the head for the last only
+    logits, state = model(packed, resets=starts)      # several documents per row (below)
 
 Running a sequence whole, as a prefix then the continued state, or one token at a time
 gives the same logits.
 
+Packed documents: ``resets`` (bool [B, T], True at the first token of each document) makes
+every document start from the empty state, as if run alone: at a reset position the token
+shift sees zeros and the WKV the empty state (a reset at position 0 discards ``state``). The
+logits of each document, the gradients, and the returned state (that of the row's last
+document) equal running the documents one by one from the empty state. ``resets=None`` is
+the same program as without the argument.
+
 What is compiled when. Called eagerly (no ``jit`` around it), ``model(...)`` runs a jitted
 pure function of the model's arrays, cached on (model structure, shapes, dtypes,
-``logits_to_keep``): a repeated call compiles nothing, and nothing grows. The sequence is cut
+``logits_to_keep``, ``resets`` given or None): a repeated call compiles nothing, and nothing
+grows. The sequence is cut
 into chunks of the lengths in :data:`PREFILL_SIZES` (the state carried between them, which is
 exact for a recurrence), so prompts of any length compile at most ``len(PREFILL_SIZES)``
 shapes per batch size. Inside a user's ``jax.jit``/``nnx.jit``/``jax.grad`` the call is
@@ -89,12 +98,13 @@ class Block(Module):
         self.att = spec.time_mix(cfg, layer_id, rngs=rngs)
         self.ffn = spec.channel_mix(cfg, layer_id, rngs=rngs)
 
-    def __call__(self, x, state: LayerState, v_first=None):
-        """x: [B, T, C] float32 residual stream -> (x, new LayerState, v_first)."""
+    def __call__(self, x, state: LayerState, v_first=None, resets=None):
+        """x: [B, T, C] float32 residual stream -> (x, new LayerState, v_first); ``resets``:
+        bool [B, T] document starts or None (see the module docstring)."""
         att_out, att_prev, wkv, v_first = self.att(self.ln1(x), state.att_x_prev, state.wkv,
-                                                   v_first)
+                                                   v_first, resets)
         x = x + att_out.astype(F32)
-        ffn_out, ffn_prev = self.ffn(self.ln2(x), state.ffn_x_prev)
+        ffn_out, ffn_prev = self.ffn(self.ln2(x), state.ffn_x_prev, resets)
         x = x + ffn_out.astype(F32)
         return x, LayerState(att_prev, wkv, ffn_prev), v_first
 
@@ -104,7 +114,8 @@ class RWKV(Module):
 
     Build from scratch with the official initialisation: ``RWKV(cfg, rngs=nnx.Rngs(0))``;
     load an official checkpoint with :func:`rwkv_jax.load`. Call it as
-    ``logits, state = model(tokens, state=None, *, logits_to_keep=0)`` (see :meth:`__call__`
+    ``logits, state = model(tokens, state=None, *, logits_to_keep=0, resets=None)`` (see
+    :meth:`__call__`
     and the module docstring for what is compiled when).
     """
 
@@ -122,13 +133,16 @@ class RWKV(Module):
         """The empty state for ``batch_size`` sequences (all float32)."""
         return init_state(self.config, batch_size)
 
-    def hidden(self, tokens: jax.Array, state: RWKVState | None = None):
-        """Final residual stream after ``ln_out``: ([B, T, C] float32, new state).
+    def hidden(self, tokens: jax.Array, state: RWKVState | None = None,
+               resets: jax.Array | None = None):
+        """Final residual stream after ``ln_out``: ([B, T, C] float32, new state);
+        ``resets`` as in :meth:`__call__`.
 
         Traced inline (no jit of its own): for use inside the caller's jitted function."""
         tokens = jnp.asarray(tokens)
         if tokens.ndim != 2:
             raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        _check_resets(resets, tokens.shape)
         if state is None:
             state = self.init_state(tokens.shape[0])
         if len(state) != len(self.blocks):
@@ -137,15 +151,15 @@ class RWKV(Module):
         x = self.blocks[0].ln0(x)
         new_state, v_first = [], None
         for block, layer_state in zip(self.blocks, state):
-            x, layer_state, v_first = block(x, layer_state, v_first)
+            x, layer_state, v_first = block(x, layer_state, v_first, resets)
             new_state.append(layer_state)
         return self.ln_out(x), tuple(new_state)
 
     def forward(self, tokens: jax.Array, state: RWKVState | None = None, *,
-                logits_to_keep: int | None = 0):
+                logits_to_keep: int | None = 0, resets: jax.Array | None = None):
         """The traced computation of :meth:`__call__` for one chunk (no chunking, no jit of
         its own). ``logits_to_keep=None`` skips the head and returns ``(None, state)``."""
-        h, state = self.hidden(tokens, state)
+        h, state = self.hidden(tokens, state, resets)
         if logits_to_keep is None:
             return None, state
         if logits_to_keep:
@@ -153,21 +167,35 @@ class RWKV(Module):
         return self.head(h).astype(F32), state
 
     def __call__(self, tokens: jax.Array, state: RWKVState | None = None, *,
-                 logits_to_keep: int = 0):
+                 logits_to_keep: int = 0, resets: jax.Array | None = None):
         """tokens [B, T] int -> (logits [B, T', V] float32, state after the last token).
 
         ``state``: as returned by an earlier call or :meth:`init_state`; None = empty.
         ``logits_to_keep`` (Hugging Face's convention): 0 = logits at every position
         (T' = T); n > 0 = only the last n positions (T' = min(n, T)), and the head is
         computed for those alone (prefill then skips ~30% of a small model's FLOPs).
+        ``resets``: None, or bool [B, T] like ``tokens``, True where a document starts (it
+        sees the empty state; the returned state is then the last document's alone).
         """
         keep = _check_keep(logits_to_keep)
         moduledef, values = functional.split(self)
-        leaves = [tokens, values[0] if values else None,
+        leaves = [tokens, resets, values[0] if values else None,
                   *(jax.tree.leaves(state)[:1] if state is not None else ())]
         if functional.under_trace(*leaves):
-            return self.forward(tokens, state, logits_to_keep=keep)
-        return _eager_call(self, moduledef, values, tokens, state, keep)
+            return self.forward(tokens, state, logits_to_keep=keep, resets=resets)
+        return _eager_call(self, moduledef, values, tokens, state, keep, resets)
+
+
+def _check_resets(resets, shape: tuple[int, ...]) -> None:
+    """Raise ValueError unless ``resets`` is None or a bool array of ``shape`` (the tokens'
+    [B, T]); checks shape and dtype only, so it costs nothing under a trace."""
+    if resets is None:
+        return
+    got_shape, got_dtype = np.shape(resets), getattr(resets, "dtype", None)
+    if tuple(got_shape) != tuple(shape) or got_dtype != np.bool_:
+        raise ValueError(f"resets must be bool [B, T] like tokens {tuple(shape)}, got "
+                         f"{got_dtype if got_dtype is not None else type(resets).__name__} "
+                         f"{tuple(got_shape)}")
 
 
 def _check_keep(n) -> int:
@@ -189,9 +217,10 @@ def init_state(cfg: RWKVConfig, batch_size: int) -> RWKVState:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _apply(moduledef: functional.ModuleDef, values, tokens, state, keep):
-    """One chunk of an eager call: the model rebuilt from its arrays, run, jitted."""
-    return moduledef.merge(values).forward(tokens, state, logits_to_keep=keep)
+def _apply(moduledef: functional.ModuleDef, values, tokens, state, keep, resets=None):
+    """One chunk of an eager call: the model rebuilt from its arrays, run, jitted
+    (``resets`` None is an empty pytree: its own program, with no reset ops)."""
+    return moduledef.merge(values).forward(tokens, state, logits_to_keep=keep, resets=resets)
 
 
 @functools.lru_cache(maxsize=256)
@@ -214,7 +243,7 @@ def check_state(cfg: RWKVConfig, state, batch_size: int) -> None:
                          f"{[np.shape(x) for x in leaves[:3]]}")
 
 
-def _eager_call(model: RWKV, moduledef, values, tokens, state, keep: int):
+def _eager_call(model: RWKV, moduledef, values, tokens, state, keep: int, resets=None):
     """``model(tokens, state)`` outside any trace: validated on the host, then run chunk by
     chunk (:func:`prefill_chunks`) through the cached :func:`_apply`."""
     tokens = np.asarray(tokens)
@@ -231,6 +260,9 @@ def _eager_call(model: RWKV, moduledef, values, tokens, state, keep: int):
     if lo < 0 or hi >= V:
         raise ValueError(f"token ids must be in 0..{V - 1}, got {lo if lo < 0 else hi}")
     tokens = tokens.astype(np.int32)
+    if resets is not None:
+        resets = np.asarray(resets)
+        _check_resets(resets, tokens.shape)
     if state is None:
         state = model.init_state(B)
     else:
@@ -241,7 +273,9 @@ def _eager_call(model: RWKV, moduledef, values, tokens, state, keep: int):
         end = pos + size
         n_kept = end - max(pos, first_kept)
         chunk_keep = None if n_kept <= 0 else 0 if n_kept == size else n_kept
-        logits, state = _apply(moduledef, values, tokens[:, pos:end], state, chunk_keep)
+        chunk_resets = None if resets is None else resets[:, pos:end]
+        logits, state = _apply(moduledef, values, tokens[:, pos:end], state, chunk_keep,
+                               chunk_resets)
         if logits is not None:
             parts.append(logits)
         pos = end

@@ -33,6 +33,10 @@ class DataConfig:
     loss_on: which targets the loss counts: ``None`` keeps what the data says (a prepared
       file's mask), "all" every token, "response" only assistant replies of chat records
       (``{"messages": [...]}`` or ``{"prompt", "response"}`` jsonl; supervised fine-tuning).
+    pack: training rows are whole documents packed side by side, each starting from the
+      empty state (:func:`rwkv_jax.data.pack.sample_packed_batch`; no loss across a
+      document boundary or on the padding); False: windows of ``ctx_len + 1`` tokens that
+      run across documents, as RWKV-LM's. Evaluation is the same either way.
     """
 
     path: str | None = None
@@ -44,6 +48,7 @@ class DataConfig:
     max_bytes: int | None = 8_000_000
     allow_changed: bool = False  # resume even though the data differs from data.json
     loss_on: str | None = None
+    pack: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

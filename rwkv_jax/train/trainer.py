@@ -83,20 +83,24 @@ class Batches:
         return getattr(self.val, "tokens", self.val)
 
     def train_batch(self, step: int, host_index: int = 0, host_count: int = 1) -> Batch:
-        """This host's rows of step ``step``'s batch, ``[A, B_host, T]`` (numpy)."""
+        """This host's rows of step ``step``'s batch, ``[A, B_host, T]`` (numpy); with
+        ``data.pack`` packed documents, ``resets`` set (else None)."""
         from rwkv_jax.data import sample_batch
         t, d = self.cfg.train, self.cfg.data
-        micro = []
+        xs, ys, masks, resets = [], [], [], []
         for m in range(t.grad_accum):  # each micro-batch is its own (seed, step) draw
             b = sample_batch(self.train, step=step * t.grad_accum + m, batch_size=t.batch_size,
                              ctx_len=d.ctx_len, seed=t.seed, sampler=d.sampler,
-                             host_index=host_index, host_count=host_count)
-            x, y = b[0], b[1]
+                             host_index=host_index, host_count=host_count, pack=d.pack)
+            xs.append(b[0])
+            ys.append(b[1])
             mask = getattr(b, "mask", None)
-            micro.append((x, y, np.ones(x.shape, np.float32) if mask is None
-                          else np.asarray(mask, np.float32)))
-        x, y, mask = (np.stack(a) for a in zip(*micro))
-        return Batch(x, y, mask)
+            masks.append(np.ones(b[0].shape, np.float32) if mask is None
+                         else np.asarray(mask, np.float32))
+            if d.pack:
+                resets.append(np.asarray(b.resets, np.bool_))
+        return Batch(np.stack(xs), np.stack(ys), np.stack(masks),
+                     np.stack(resets) if d.pack else None)
 
     def eval_batches(self):
         from rwkv_jax.data import eval_batches
@@ -136,6 +140,11 @@ class Trainer:
     """One training run: its data, model, optimizer, mesh, state and run directory."""
 
     def __init__(self, cfg: RunConfig, batches: Batches | None = None):
+        if cfg.data.pack and cfg.finetune.init_from is not None \
+                and cfg.finetune.method == "state":
+            raise ConfigError("data.pack: packed documents start from the empty state, which "
+                              "would discard the tuned state of finetune.method=state; use "
+                              "data.pack=false")
         self.run_dir = RunDir(cfg.out_dir)
         self.out = self.run_dir.path
         # a fine-tune: the model, its config, the method and the tokenizer follow the
@@ -204,7 +213,8 @@ class Trainer:
     def global_batch(self, step: int) -> Batch:
         """Step ``step``'s batch as global arrays (this process supplies its rows)."""
         local = self.batches.train_batch(step, self.host_index, self.host_count)
-        return Batch(*(self.topology.global_batch(a, batch_axis=1) for a in local[:3]))
+        return Batch(*(None if a is None else self.topology.global_batch(a, batch_axis=1)
+                       for a in local))
 
     def model(self, state: TrainState | None = None) -> RWKV:
         """The model of ``state`` (default: the current one), its arrays as the state holds

@@ -26,8 +26,9 @@ def expand_gain(d_out: int, d_in: int) -> float:
 class TimeMix4(Module):
     """RWKV-4 attention replacement: token-shift mix, r/k/v projections, WKV, output.
 
-    Call: ``(x [B,T,C] LN output, x_prev [B,C], wkv_state, v_first)`` ->
-    ``(out [B,T,C] compute dtype, new x_prev [B,C] f32, new wkv_state, v_first)``.
+    Call: ``(x [B,T,C] LN output, x_prev [B,C], wkv_state, v_first, resets)`` ->
+    ``(out [B,T,C] compute dtype, new x_prev [B,C] f32, new wkv_state, v_first)``;
+    ``resets`` (bool [B,T] or None): document starts, which see the empty state.
     """
 
     def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):
@@ -47,14 +48,15 @@ class TimeMix4(Module):
         self.output = linear(cfg, rngs, C, C, 0.0)
         self.impl = cfg.wkv_impl
 
-    def __call__(self, x, x_prev, state: Wkv4State, v_first=None):
-        xx = token_shift(x, x_prev)
+    def __call__(self, x, x_prev, state: Wkv4State, v_first=None, resets=None):
+        xx = token_shift(x, x_prev, resets)
         mk, mv, mr = vec(self.time_mix_k), vec(self.time_mix_v), vec(self.time_mix_r)
         k = self.key(x * mk + xx * (1 - mk))
         v = self.value(x * mv + xx * (1 - mv))
         r = jax.nn.sigmoid(self.receptance(x * mr + xx * (1 - mr)).astype(F32))
         w = -jnp.exp(self.time_decay[...].astype(F32))
-        y, state = wkv4(w, self.time_first[...].astype(F32), k, v, state, impl=self.impl)
+        y, state = wkv4(w, self.time_first[...].astype(F32), k, v, state, impl=self.impl,
+                        resets=resets)
         return self.output(r * y.astype(F32)), x[:, -1].astype(F32), state, v_first
 
     @staticmethod
@@ -65,7 +67,7 @@ class TimeMix4(Module):
 class ChannelMix4(Module):
     """RWKV-4/5 feed-forward: ``sigmoid(r) ⊙ (relu(k)² @ Wv.T)`` with token-shift mixing.
 
-    Call: ``(x [B,T,C], x_prev [B,C])`` -> ``(out [B,T,C], new x_prev [B,C] f32)``.
+    Call: ``(x [B,T,C], x_prev [B,C], resets)`` -> ``(out [B,T,C], new x_prev [B,C] f32)``.
     ``expand_key``: init the key matrix with v4neo's ``sqrt(F/C)`` gain (RWKV-5 uses 1).
     """
 
@@ -80,8 +82,8 @@ class ChannelMix4(Module):
         self.receptance = linear(cfg, rngs, C, C, 0.0)
         self.value = linear(cfg, rngs, F, C, 0.0)
 
-    def __call__(self, x, x_prev):
-        xx = token_shift(x, x_prev)
+    def __call__(self, x, x_prev, resets=None):
+        xx = token_shift(x, x_prev, resets)
         mk, mr = vec(self.time_mix_k), vec(self.time_mix_r)
         k = jnp.square(jax.nn.relu(self.key(x * mk + xx * (1 - mk))))
         r = jax.nn.sigmoid(self.receptance(x * mr + xx * (1 - mr)).astype(F32))

@@ -28,7 +28,7 @@ from rwkv_jax.versions.rwkv4 import ChannelMix4
 
 
 class TimeMix5(MatrixStateTimeMix):
-    """RWKV-5 time-mix. Call: ``(x, x_prev [B,C], S [B,H,N,N], v_first)`` ->
+    """RWKV-5 time-mix. Call: ``(x, x_prev [B,C], S [B,H,N,N], v_first, resets)`` ->
     ``(out [B,T,C], x_prev, S, v_first)``; S is float32 in the [key, value] layout.
     ``gated``: the 5.2 layout (per-channel decay and bonus, gate) or 5.1's."""
 
@@ -53,10 +53,10 @@ class TimeMix5(MatrixStateTimeMix):
             self.time_first = nnx.Param(jnp.full((H,), math.log(0.3), F32).astype(pd))
         self._init_projections(cfg, layer_id, rngs)
 
-    def __call__(self, x, x_prev, state, v_first=None):
+    def __call__(self, x, x_prev, state, v_first=None, resets=None):
         B, T, C = x.shape
         H = self.n_head
-        xx = token_shift(x, x_prev)
+        xx = token_shift(x, x_prev, resets)
 
         def mix(m):
             m = vec(m)
@@ -72,7 +72,7 @@ class TimeMix5(MatrixStateTimeMix):
             N = C // H
             w = jnp.broadcast_to(-jnp.exp(self.time_decay[...].astype(F32))[:, None], (H, N))
             u = jnp.broadcast_to(jnp.exp(self.time_first[...].astype(F32))[:, None], (H, N))
-        y, state = wkv6(r, w, k, v, u, state, **dict(self.wkv_kwargs))
+        y, state = wkv6(r, w, k, v, u, state, **dict(self.wkv_kwargs), resets=resets)
         y = self._group_norm(y)
         if self.gated:
             y = y * jax.nn.silu(self.gate(mix(self.time_mix_g)).astype(F32))

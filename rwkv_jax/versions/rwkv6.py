@@ -24,7 +24,7 @@ from rwkv_jax.versions.rwkv5 import HEAD_EXTRAS, ffn_size
 
 
 class TimeMix6(MatrixStateTimeMix):
-    """RWKV-6 time-mix. Call: ``(x, x_prev [B,C], S [B,H,N,N], v_first)`` ->
+    """RWKV-6 time-mix. Call: ``(x, x_prev [B,C], S [B,H,N,N], v_first, resets)`` ->
     ``(out [B,T,C], x_prev, S, v_first)``; S is float32 in the [key, value] layout."""
 
     def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):
@@ -48,11 +48,11 @@ class TimeMix6(MatrixStateTimeMix):
         self._init_projections(cfg, layer_id, rngs)
         self.gate = linear(cfg, rngs, C, C, 0.1)
 
-    def __call__(self, x, x_prev, state, v_first=None):
+    def __call__(self, x, x_prev, state, v_first=None, resets=None):
         B, T, C = x.shape
         H = self.n_head
         x = x.astype(F32)
-        dx = token_shift(x, x_prev) - x
+        dx = token_shift(x, x_prev, resets) - x
         xxx = x + dx * vec(self.time_maa_x)
         w1 = self.time_maa_w1[...].astype(F32)
         m = jnp.tanh(xxx @ w1).reshape(B, T, 5, -1)
@@ -71,7 +71,7 @@ class TimeMix6(MatrixStateTimeMix):
             @ self.time_decay_w2[...].astype(F32)
         w = heads(-jnp.exp(w_raw), H)                                         # log decay
         u = self.time_faaaa[...].astype(F32)
-        y, state = wkv6(r, w, k, v, u, state, **dict(self.wkv_kwargs))
+        y, state = wkv6(r, w, k, v, u, state, **dict(self.wkv_kwargs), resets=resets)
         return self.output(self._group_norm(y) * g), x[:, -1], state, v_first
 
 
@@ -87,9 +87,9 @@ class ChannelMix6(Module):
         self.receptance = linear(cfg, rngs, C, C, 0.0)
         self.value = linear(cfg, rngs, F, C, 0.0)
 
-    def __call__(self, x, x_prev):
+    def __call__(self, x, x_prev, resets=None):
         x = x.astype(F32)
-        dx = token_shift(x, x_prev) - x
+        dx = token_shift(x, x_prev, resets) - x
         k = jnp.square(jax.nn.relu(self.key(x + dx * vec(self.time_maa_k))))
         r = jax.nn.sigmoid(self.receptance(x + dx * vec(self.time_maa_r)).astype(F32))
         return r * self.value(k).astype(F32), x[:, -1]

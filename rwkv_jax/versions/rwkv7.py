@@ -35,9 +35,10 @@ def _lora_pair(cfg, rngs, name_rank: int, scale_out: float):
 
 
 class TimeMix7(MatrixStateTimeMix):
-    """RWKV-7 time-mix. Call: ``(x, x_prev [B,C], S [B,H,N,N], v_first)`` ->
+    """RWKV-7 time-mix. Call: ``(x, x_prev [B,C], S [B,H,N,N], v_first, resets)`` ->
     ``(out [B,T,C], x_prev, S, v_first)``; S is float32 in the official [value, key] layout.
-    Layer 0 produces ``v_first`` (its values); later layers mix towards it."""
+    Layer 0 produces ``v_first`` (its values); later layers mix towards it. ``v_first`` is
+    per token (layer 0's value of the same token, no state), so ``resets`` need not touch it."""
 
     def __init__(self, cfg: RWKVConfig, layer_id: int, *, rngs: nnx.Rngs):
         C, H, N, pd = cfg.n_embd, cfg.n_head, cfg.head_size, cfg.param_jnp_dtype
@@ -67,11 +68,11 @@ class TimeMix7(MatrixStateTimeMix):
         self.r_k = nnx.Param(jnp.full((H, N), -0.04, F32).astype(pd))
         self._init_projections(cfg, layer_id, rngs)
 
-    def __call__(self, x, x_prev, state, v_first=None):
+    def __call__(self, x, x_prev, state, v_first=None, resets=None):
         B, T, C = x.shape
         H = self.n_head
         x = x.astype(F32)
-        dx = token_shift(x, x_prev) - x
+        dx = token_shift(x, x_prev, resets) - x
         xr, xw, xk, xv, xa, xg = (x + dx * vec(p) for p in
                                   (self.x_r, self.x_w, self.x_k, self.x_v, self.x_a, self.x_g))
         p = lambda t: t[...].astype(F32)  # noqa: E731
@@ -91,7 +92,7 @@ class TimeMix7(MatrixStateTimeMix):
             v = v + (v_first - v) * jax.nn.sigmoid(vec(self.v0) + (xv @ p(self.v1)) @ p(self.v2))
         r_h, k_h, v_h, a_h = heads(r, H), heads(k, H), heads(v, H), heads(a, H)
         y, state = wkv7(r_h, heads(w, H), k_h, v_h, -kk, kk * a_h, state,
-                        **dict(self.wkv_kwargs))
+                        **dict(self.wkv_kwargs), resets=resets)
         y = self._group_norm(y)
         bonus = jnp.sum(r_h * k_h * p(self.r_k)[None, None], axis=-1, keepdims=True) * v_h
         y = y + bonus.reshape(B, T, C)
@@ -108,9 +109,9 @@ class ChannelMix7(Module):
         self.key = linear(cfg, rngs, C, F, 1.0)
         self.value = linear(cfg, rngs, F, C, 0.0)
 
-    def __call__(self, x, x_prev):
+    def __call__(self, x, x_prev, resets=None):
         x = x.astype(F32)
-        dx = token_shift(x, x_prev) - x
+        dx = token_shift(x, x_prev, resets) - x
         k = jnp.square(jax.nn.relu(self.key(x + dx * vec(self.x_k))))
         return self.value(k).astype(F32), x[:, -1]
 
