@@ -92,6 +92,22 @@ def test_full_chunks_equal_whole_rows_rwkv7():
         _assert_close(grad, grad0, 1e-5)
 
 
+def test_packed_rows_in_chunks_equal_whole_rows():
+    """Packed documents (``resets``, one on a chunk boundary, one inside a chunk) in chunks
+    of T/4: the loss and gradient of the whole packed rows."""
+    spec, params, frozen, micro = _setup("7")
+    resets = np.zeros((B, T), np.bool_)
+    resets[:, 0] = True
+    resets[0, T // 4] = resets[1, 3] = resets[1, T // 2 + 1] = True
+    micro = micro._replace(resets=jnp.asarray(resets))
+    loss0, grad0 = _value_and_grad(spec, params, frozen, micro)
+    no_resets, _ = _value_and_grad(spec, params, frozen, micro._replace(resets=None))
+    assert abs(float(no_resets) - float(loss0)) > 1e-4  # the resets matter here
+    loss, grad = _value_and_grad(_with(spec, chunk_len=T // 4), params, frozen, micro)
+    np.testing.assert_allclose(float(loss), float(loss0), rtol=1e-6)
+    _assert_close(grad, grad0, 1e-5)
+
+
 def _truncated_reference(spec, params, frozen, micro, L):
     """The truncated loss by hand: chunk by chunk in Python, the state cut between chunks,
     each chunk's masked NLL sum over the whole batch's mask count, L2Wrap over B·T."""
