@@ -148,6 +148,8 @@ def text_file(tmp_path):
 
 
 TRAIN_BAD = [
+    ("model.n_layer=100000", "GiB with gradients and optimizer state"),
+    ("model.n_embd=65536", "more than this machine's"),
     ("train.batch_size=0", "train.batch_size: must be >= 1, got 0"),
     ("data.ctx_len=0", "data.ctx_len: must be >= 1, got 0"),
     ("train.grad_accum=0", "train.grad_accum: must be >= 1, got 0"),

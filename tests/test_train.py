@@ -448,3 +448,17 @@ def test_bf16_linear_backward_matches_autodiff():
         assert a.dtype == jnp.float32  # fp32 master weights get fp32 gradients
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0,
                                    atol=3e-2 * float(jnp.abs(b).max()))
+
+
+def test_parameter_estimate_bounds_the_real_count():
+    """The size check's estimate (config.estimated_params) is within 2x of every version's
+    real parameter count (the check only has to catch sizes far past the machine)."""
+    from flax import nnx
+
+    import rwkv_jax
+    from rwkv_jax.train.config import estimated_params
+    for version in ("4", "5.1", "5.2", "6", "7"):
+        cfg = rwkv_jax.RWKVConfig.tiny(version, n_layer=2)
+        model = rwkv_jax.RWKV(cfg, rngs=nnx.Rngs(0))
+        real = sum(int(x.size) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+        assert real / 2 <= estimated_params(cfg) <= 2 * real, (version, real)

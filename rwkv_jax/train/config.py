@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import pathlib
 import types
 import typing
@@ -504,7 +505,42 @@ def _validate(cfg: RunConfig) -> None:
     if t.chunk_len > 0 and cfg.data.ctx_len % t.chunk_len:
         raise ConfigError(f"train.chunk_len: data.ctx_len ({cfg.data.ctx_len}) must be a "
                           f"multiple of train.chunk_len ({t.chunk_len})")
+    if cfg.finetune.init_from is None:  # a fine-tune's model is the checkpoint's, already real
+        _check_model_fits(cfg.model)
     _check_tokenizer(cfg.data.tokenizer)
+
+
+TRAIN_BYTES_PER_PARAM = 16  # fp32 weights, gradients and AdamW's two moments
+
+
+def estimated_params(m: RWKVConfig) -> int:
+    """The parameter count estimated from the shapes alone (no build; within 2x for every
+    version): per layer 6·C² for the time-mix (receptance, key, value, output, gate, and
+    room for v6/v7's low-rank mixers) and 2·C·F + C² for the channel mix, plus the
+    embedding and head (2·V·C)."""
+    C, F = m.n_embd, m.ffn_size
+    return m.n_layer * (6 * C * C + 2 * C * F + C * C) + 2 * m.vocab_size * C
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not every platform reports it
+        return None
+
+
+def _check_model_fits(m: RWKVConfig) -> None:
+    """Refuse, before anything is built, a model whose weights, gradients and optimizer state
+    alone exceed this machine's memory (``model.n_layer=100000`` would otherwise hang in
+    the build or die out of memory)."""
+    need = estimated_params(m) * TRAIN_BYTES_PER_PARAM
+    have = _physical_memory()
+    if have is not None and need > have:
+        raise ConfigError(
+            f"model.n_layer={m.n_layer}, model.n_embd={m.n_embd}, model.vocab_size="
+            f"{m.vocab_size}: about {estimated_params(m) / 1e9:.2f}B parameters, {need / 2**30:.1f} GiB with "
+            f"gradients and optimizer state ({TRAIN_BYTES_PER_PARAM} bytes each), more than "
+            f"this machine's {have / 2**30:.1f} GiB of memory")
 
 
 def _check_data_path(path: str | None) -> None:
