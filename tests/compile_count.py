@@ -48,3 +48,20 @@ class CompileCounter:
     def __exit__(self, *exc) -> None:
         with _lock:
             _active.remove(self)
+
+
+def assert_compiled_once(calls, same_programs=()) -> None:
+    """Each of ``calls`` (zero-argument callables) compiles on its first run and nothing on
+    its second; then each of ``same_programs`` (the same computations called another way:
+    through a dispatcher, with keywords) compiles nothing."""
+    import jax
+    for call in calls:
+        with CompileCounter() as first:
+            jax.block_until_ready(call())
+        with CompileCounter() as second:
+            jax.block_until_ready(call())
+        assert first.compiles >= 1 and second.compiles == 0, (first.compiles, second.compiles)
+    for call in same_programs:
+        with CompileCounter() as c:
+            jax.block_until_ready(call())
+        assert c.compiles == 0, c.compiles

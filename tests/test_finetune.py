@@ -265,18 +265,19 @@ def test_state_tuning_keeps_the_weights_and_the_state_helps(tmp_path, fixtures_d
     with_state = score_windows(model, windows, state_policy="reset", state=rows)
     assert with_state.loss < empty.loss - 0.1, (with_state.loss, empty.loss)
 
-    prompt = "User: What is 2 plus 3?\n\nAssistant:"
+    # a 730K model forgets its initial state within a few dozen bytes (the windows above
+    # score the first 8): the prompt is short, so the tuned state is still felt
+    prompt = "User:"
     args = ["generate", "--model", str(base), "--ln-x-eps", "1e-5", "--prompt", prompt,
             "--temperature", "0", "--max-tokens", "24", "-q"]
     assert main(args) == 0
     plain = capsys.readouterr().out
     assert main([*args, "--state-in", str(run / "state.npz")]) == 0
     stated = capsys.readouterr().out
-    # the state reaches the prompt's logits (greedy text on a 730K model may still agree)
     ids = np.asarray([list(prompt.encode())], np.int32)
     lp, _ = model(ids, logits_to_keep=1)
     ls, _ = model(ids, tuned, logits_to_keep=1)
-    assert float(np.max(np.abs(np.asarray(lp) - np.asarray(ls)))) > 1e-3
+    assert float(np.max(np.abs(np.asarray(lp) - np.asarray(ls)))) > 1e-3  # the state is felt
     assert plain == generate(model, ByteTokenizer(), prompt, temperature=0, max_tokens=24)
     assert stated == generate(model, ByteTokenizer(), prompt, state=tuned, temperature=0,
                               max_tokens=24)

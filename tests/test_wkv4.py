@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compile_count import CompileCounter
+from compile_count import assert_compiled_once
 from reference_np import reset_patterns, run_documents, wkv4_ref
 from rwkv_jax.ops.impl import WkvImpl, resolve_impl
 from rwkv_jax.ops.wkv4 import (SUPPORTED, Wkv4State, wkv4, wkv4_associative, wkv4_scan,
@@ -654,13 +654,4 @@ def test_eager_call_compiles_once(name):
                      for impl in impls]
         # the same call spelled otherwise (keywords) is the same cache entry
         dispatch.append(lambda: FORMS[name](w, u, k=k, v=v, state=state, resets=resets))
-    for call in calls:
-        with CompileCounter() as first:
-            jax.block_until_ready(call())
-        with CompileCounter() as second:
-            jax.block_until_ready(call())
-        assert first.compiles >= 1 and second.compiles == 0, (first.compiles, second.compiles)
-    for call in dispatch:
-        with CompileCounter() as c:
-            jax.block_until_ready(call())
-        assert c.compiles == 0, c.compiles
+    assert_compiled_once(calls, dispatch)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from compile_count import CompileCounter
+from compile_count import assert_compiled_once
 from reference_np import reset_patterns, run_documents
 from reference_np_wkv7 import wkv7_ref
 from rwkv_jax.ops.impl import WkvImpl, resolve_impl
@@ -464,13 +464,4 @@ def test_eager_call_compiles_once(form):
                      for impl in impls]
         # the same call spelled otherwise (keywords) is the same cache entry
         dispatch.append(lambda: f(*xs, state=S0, resets=resets))
-    for call in calls:
-        with CompileCounter() as first:
-            jax.block_until_ready(call())
-        with CompileCounter() as second:
-            jax.block_until_ready(call())
-        assert first.compiles >= 1 and second.compiles == 0, (first.compiles, second.compiles)
-    for call in dispatch:
-        with CompileCounter() as c:
-            jax.block_until_ready(call())
-        assert c.compiles == 0, c.compiles
+    assert_compiled_once(calls, dispatch)
