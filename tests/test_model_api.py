@@ -49,7 +49,7 @@ def test_new_lengths_compile_nothing_after_warmup(model):
 
     With ``logits_to_keep=1`` a chunk runs as one of three programs: no head (an earlier
     chunk), the head on its last position, or the head on all of it (a final chunk of 1)."""
-    for size in PREFILL_SIZES[1:]:  # 256, 64, 16, 4, 1 (1024 is only needed beyond 1024)
+    for size in PREFILL_SIZES[1:]:  # 512 ... 1 (1024 is only needed beyond 1024)
         model(_tokens(size), logits_to_keep=1)      # the head on the last position
         model(_tokens(size + 1), logits_to_keep=1)  # no head, then a final chunk of 1
     with CompileCounter() as c:

@@ -62,7 +62,9 @@ RWKVState = tuple[LayerState, ...]
 # Chunk lengths of an eager call: a sequence of T tokens runs as chunks taken greedily from
 # these sizes (1000 = 3x256 + 3x64 + 2x16 + 2x4), so few shapes are ever compiled and a
 # remainder takes at most 3 calls per size (ChatRWKV prefills in chunks of 256 likewise).
-PREFILL_SIZES = (1024, 256, 64, 16, 4, 1)
+# powers of two: a prompt runs as at most one chunk of each size below 1024 (a chunk reads
+# every weight once, so on a CPU short chunks cost about as much as long ones)
+PREFILL_SIZES = (1024, 512, 256, 128, 64, 32, 16, 8, 4, 2, 1)
 
 
 def prefill_chunks(n: int) -> list[int]:
