@@ -91,6 +91,16 @@ def check_resets(resets, batch: int, time: int) -> jax.Array | None:
     return jnp.asarray(resets).astype(jnp.bool_)
 
 
+def form_kwargs(form: WkvImpl, *, resets=None, chunk_size: int | None = None) -> dict:
+    """The keywords a dispatcher passes to ``form``: ``resets`` only when given (a form
+    called without it traces the program without resets), ``chunk_size`` to the chunked
+    form only."""
+    kwargs = {} if resets is None else {"resets": resets}
+    if form is WkvImpl.CHUNKED and chunk_size is not None:
+        kwargs["chunk_size"] = chunk_size
+    return kwargs
+
+
 def jit_form(fn=None, *, static_argnames: tuple[str, ...] = ()):
     """``jax.jit`` for a WKV form, cached on the call's values whatever its spelling.
 

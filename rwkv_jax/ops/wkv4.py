@@ -47,7 +47,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from rwkv_jax.ops.impl import WkvImpl, check_resets, jit_form, resolve_impl
+from rwkv_jax.ops.impl import WkvImpl, check_resets, form_kwargs, jit_form, resolve_impl
 
 # Empty-state running max, as in the official CUDA kernel (MIN_VALUE). Finite so that
 # differences such as ``pp - q`` never become ``-inf - -inf = nan``.
@@ -321,7 +321,5 @@ def wkv4(w: jax.Array, u: jax.Array, k: jax.Array, v: jax.Array,
     ``impl`` is resolved here, in Python, and the (jitted) form is called: an eager call
     compiles once per shape, and the traced program is exactly the form's.
     """
-    form = _FORMS[resolve_impl(impl, "wkv4", SUPPORTED)]
-    if resets is None:
-        return form(w, u, k, v, state)
-    return form(w, u, k, v, state, resets=resets)
+    form = resolve_impl(impl, "wkv4", SUPPORTED)
+    return _FORMS[form](w, u, k, v, state, **form_kwargs(form, resets=resets))

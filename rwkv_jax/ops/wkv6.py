@@ -46,7 +46,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from rwkv_jax.ops.impl import WkvImpl, check_resets, jit_form, resolve_impl
+from rwkv_jax.ops.impl import WkvImpl, check_resets, form_kwargs, jit_form, resolve_impl
 
 SUPPORTED = (WkvImpl.SCAN, WkvImpl.CHUNKED, WkvImpl.ASSOCIATIVE, WkvImpl.PALLAS)
 
@@ -333,7 +333,5 @@ def wkv6(r: jax.Array, w: jax.Array, k: jax.Array, v: jax.Array, u: jax.Array,
     program is exactly the form's.
     """
     form = resolve_impl(impl, "wkv6", SUPPORTED)
-    kwargs = {} if resets is None else {"resets": resets}
-    if form is WkvImpl.CHUNKED:
-        kwargs["chunk_size"] = chunk_size
+    kwargs = form_kwargs(form, resets=resets, chunk_size=chunk_size)
     return _FORMS[form](r, w, k, v, u, state, **kwargs)
