@@ -161,26 +161,6 @@ def test_compile_cache_opt_out_writes_nothing(fixtures_dir, tmp_path):
     assert not off.exists() and not (tmp_path / "home").exists()
 
 
-def test_library_leaves_jax_config_alone(fixtures_dir, tmp_path):
-    code = f"""
-import jax
-names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
-         "jax_persistent_cache_min_compile_time_secs")
-before = [getattr(jax.config, n) for n in names]
-import rwkv_jax, rwkv_jax.cli, rwkv_jax.evaluate, rwkv_jax.data
-for name in rwkv_jax.__all__:
-    getattr(rwkv_jax, name)
-rwkv_jax.load({str(fixtures_dir / 'rwkv4-tiny-660k.pth')!r})
-after = [getattr(jax.config, n) for n in names]
-assert before == after, (before, after)
-print(after[0])
-"""
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=_env(tmp_path))
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "None"
-
-
 def test_compile_cache_settings():
     from rwkv_jax.cli import build_parser, compile_cache
     p, m = build_parser(), __file__
@@ -201,15 +181,20 @@ def test_compile_cache_settings():
 
 
 def test_library_leaves_jax_config_alone(fixtures_dir, tmp_path):
+    """Importing every public name, loading and generating change none of JAX's cache
+    settings and not XLA_FLAGS (only the CLI sets those)."""
     code = f"""
+import os
 import jax, numpy as np
-before = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache,
-          jax.config.jax_persistent_cache_min_compile_time_secs)
-import rwkv_jax
+names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache",
+         "jax_persistent_cache_min_compile_time_secs")
+before = [getattr(jax.config, n) for n in names] + [os.environ.get("XLA_FLAGS")]
+import rwkv_jax, rwkv_jax.cli, rwkv_jax.evaluate, rwkv_jax.data
+for name in rwkv_jax.__all__:
+    getattr(rwkv_jax, name)
 model = rwkv_jax.load({str(fixtures_dir / 'rwkv4-tiny-660k.pth')!r})
 rwkv_jax.generate(model, rwkv_jax.tokenizers.ByteTokenizer(), "Hi", max_tokens=2)
-after = (jax.config.jax_compilation_cache_dir, jax.config.jax_enable_compilation_cache,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
+after = [getattr(jax.config, n) for n in names] + [os.environ.get("XLA_FLAGS")]
 assert before == after, (before, after)
 print(after[0])
 """
@@ -217,6 +202,36 @@ print(after[0])
                           env=_env(tmp_path))
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "None"
+
+
+def test_xla_options_for_train_only(monkeypatch):
+    """`rwkv-jax train` gets YNNPACK reductions only on CPU; a flag the user set wins; the
+    switch, a non-CPU platform, an unknown jaxlib and a started backend add nothing."""
+    from rwkv_jax.cli import xla_options as xo
+    monkeypatch.setattr(xo, "_backend_started", lambda: False)
+    monkeypatch.setattr(xo, "_jaxlib_version", lambda: "0.10.2")
+    flag = "--xla_cpu_experimental_ynn_fusion_type=reduce"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    assert xo.apply("train", env) == [flag]
+    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {flag}"
+    assert xo.apply("train", env) == []  # never twice
+    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
+    env = {}
+    assert xo.apply("train", env) == [flag] and env["XLA_FLAGS"] == flag
+    for command in ("generate", "eval", "info"):
+        env = {}
+        assert xo.apply(command, env) == [] and env == {}
+    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
+    assert xo.apply("train", mine) == [] and mine["XLA_FLAGS"].endswith("type=")
+    for off in ({"RWKV_JAX_XLA_DEFAULTS": "0"}, {"JAX_PLATFORMS": "cuda"}):
+        assert xo.apply("train", dict(off)) == []
+    assert xo.apply("train", {"JAX_PLATFORMS": "cpu"}) == [flag]
+    monkeypatch.setattr(xo, "_jaxlib_version", lambda: "0.13.0")
+    assert xo.apply("train", {}) == []
+    monkeypatch.setattr(xo, "_jaxlib_version", lambda: "0.11.1")
+    assert xo.apply("train", {}) == [flag]
+    monkeypatch.setattr(xo, "_backend_started", lambda: True)
+    assert xo.apply("train", {}) == []
 
 
 # ---- pipes and Ctrl-C ----------------------------------------------------------------------

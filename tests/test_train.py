@@ -189,6 +189,32 @@ def test_loss_falls_and_export_loads(tmp_path):
     assert (pathlib.Path(cfg.out_dir) / "config.yaml").exists()
 
 
+def test_final_evaluation_scores_final_eval_batches(tmp_path):
+    """Progress evaluations score train.eval_batches batches, the final step's
+    train.final_eval_batches: each logged val_loss is the mean over exactly those windows."""
+    from rwkv_jax.data import eval_batches
+    from rwkv_jax.evaluate import score_windows
+    cfg = _cfg(tmp_path, "train.eval_batches=1", "train.final_eval_batches=5")
+    t = Trainer(cfg)
+    t.fit()
+    recs = [json.loads(line) for line in
+            (pathlib.Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    vals = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+    assert sorted(vals) == [4, 8]
+
+    def score(n):
+        return score_windows(t.model(), eval_batches(t.batches.val, batch_size=4, ctx_len=16,
+                                                     max_batches=n),
+                             state_policy="reset").loss
+
+    final, one, five = vals[8], score(1), score(5)
+    assert abs(one - five) > 1e-4  # the two window sets really differ
+    assert final == pytest.approx(five, rel=1e-6)
+    assert final != pytest.approx(one, rel=1e-6)
+    with pytest.raises(ConfigError, match="train.final_eval_batches"):
+        _cfg(tmp_path, "train.final_eval_batches=0")
+
+
 def test_resume_is_exact(tmp_path):
     straight = _cfg(tmp_path / "a")
     Trainer(straight).fit()

@@ -81,7 +81,11 @@ CHUNK_GRADS = ("full", "truncated")
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The training loop. ``chunk_len`` > 0 trains each row of ``data.ctx_len`` tokens in
+    """The training loop. Validation every ``eval_every`` steps scores the first
+    ``eval_batches`` x ``batch_size`` windows of the validation split; the final step's
+    evaluation scores ``final_eval_batches`` x ``batch_size`` of them (None: as many as
+    ``eval_batches``), so the progress evaluations can be a cheap fixed subset while the
+    reported result covers the whole split. ``chunk_len`` > 0 trains each row of ``data.ctx_len`` tokens in
     chunks of that many tokens, the recurrent state carried from chunk to chunk, so
     activation memory follows ``chunk_len``, not ``ctx_len`` (RWKV's "infctx"; 0 = whole
     rows). ``chunk_grad``: "full" backpropagates through the carried state (the gradient
@@ -97,6 +101,7 @@ class TrainConfig:
     l2wrap: bool = True
     eval_every: int = 100
     eval_batches: int = 16
+    final_eval_batches: int | None = None
     log_every: int = 10
     sample_tokens: int = 200
     sample_prompt: str | None = None  # None: the start of the first validation window
@@ -502,6 +507,9 @@ def _validate(cfg: RunConfig) -> None:
     if t.eval_every > 0 and t.eval_batches < 1:
         raise ConfigError(f"train.eval_batches: must be >= 1 when train.eval_every > 0, got "
                           f"{t.eval_batches}")
+    if t.final_eval_batches is not None and t.final_eval_batches < 1:
+        raise ConfigError(f"train.final_eval_batches: must be >= 1 (or null: as many as "
+                          f"train.eval_batches), got {t.final_eval_batches}")
     if t.chunk_len > 0 and cfg.data.ctx_len % t.chunk_len:
         raise ConfigError(f"train.chunk_len: data.ctx_len ({cfg.data.ctx_len}) must be a "
                           f"multiple of train.chunk_len ({t.chunk_len})")

@@ -22,15 +22,17 @@ def _warn(msg: str) -> None:
 
 
 class Evaluate(Every):
-    """Adds the validation metrics (``evaluate(state) -> dict``) to the record every
-    ``every`` steps and at the end."""
+    """Adds the validation metrics (``evaluate(state, final) -> dict``) to the record every
+    ``every`` steps and at the end; ``final`` is True at step ``final_step`` (the run's
+    last), where the evaluation may score more windows."""
 
-    def __init__(self, every: int, evaluate: Callable[[Any], dict[str, float]]):
+    def __init__(self, every: int, evaluate: Callable[..., dict[str, float]],
+                 final_step: int | None = None):
         super().__init__(every, at_end=every > 0)
-        self.evaluate = evaluate
+        self.evaluate, self.final_step = evaluate, final_step
 
     def __call__(self, step, state, record):
-        record.update(self.evaluate(state))
+        record.update(self.evaluate(state, final=step == self.final_step))
 
 
 class MetricsFile(Every):

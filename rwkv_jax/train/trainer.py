@@ -102,11 +102,15 @@ class Batches:
         return Batch(np.stack(xs), np.stack(ys), np.stack(masks),
                      np.stack(resets) if d.pack else None)
 
-    def eval_batches(self):
+    def eval_batches(self, final: bool = False):
+        """The validation batches: ``train.eval_batches`` of them, or with ``final``
+        ``train.final_eval_batches`` (default: as many)."""
         from rwkv_jax.data import eval_batches
-        return eval_batches(self.val, batch_size=self.cfg.train.batch_size,
-                            ctx_len=self.cfg.data.ctx_len,
-                            max_batches=self.cfg.train.eval_batches)
+        t = self.cfg.train
+        n = t.final_eval_batches if final and t.final_eval_batches is not None \
+            else t.eval_batches
+        return eval_batches(self.val, batch_size=t.batch_size, ctx_len=self.cfg.data.ctx_len,
+                            max_batches=n)
 
     def sample_prompt(self, n_tokens: int = 24) -> str:
         """The start of the first validation window (what the data looks like)."""
@@ -247,9 +251,11 @@ class Trainer:
         to_jnp = lambda t: jax.tree.map(jax.numpy.asarray, t)  # noqa: E731
         return to_jnp(params), to_jnp(frozen)
 
-    def evaluate(self, state: TrainState | None = None) -> dict[str, float]:
+    def evaluate(self, state: TrainState | None = None, final: bool = False
+                 ) -> dict[str, float]:
         """Validation loss (nats/token) and bits per byte over the configured eval windows,
-        each from the empty state (:func:`rwkv_jax.evaluate.score_windows`, policy "reset").
+        each from the empty state (:func:`rwkv_jax.evaluate.score_windows`, policy "reset");
+        ``final``: the final step's windows (``train.final_eval_batches``).
 
         Several processes: every process reads the same windows and feeds its block of rows
         of each batch into the one data-parallel evaluation; the sums come back replicated,
@@ -264,7 +270,7 @@ class Trainer:
             return self.topology.global_batch(a[rows], batch_axis=0)
 
         start = self.method.initial_state(state.params, self.cfg.train.batch_size)
-        res = score_windows(self.model(state), self.batches.eval_batches(),
+        res = score_windows(self.model(state), self.batches.eval_batches(final),
                             state_policy="reset", tokenizer=self.batches.tokenizer, put=put,
                             state=start)
         return {"val_loss": res.loss, "val_bpb": res.bits_per_byte}
@@ -459,7 +465,8 @@ class Trainer:
         metrics = _LastRecord()
         watch = hooks_lib.LossWatch(mc.vocab_size, t.divergence_threshold,
                                     self.checkpointer.meta(self.step) if resumed else None)
-        run_hooks: list = [hooks_lib.Evaluate(t.eval_every, self.evaluate), metrics, watch]
+        run_hooks: list = [hooks_lib.Evaluate(t.eval_every, self.evaluate, t.max_steps),
+                           metrics, watch]
         if self.primary:
             run_hooks.append(hooks_lib.MetricsFile(self.run_dir / RunDir.METRICS, t.log_every,
                                                    self.step, warn=lambda m: log(f"warning: {m}")))
@@ -486,7 +493,7 @@ class Trainer:
         if self.step < t.max_steps:
             return last
         if "val_loss" not in last:
-            last.update(self.evaluate())
+            last.update(self.evaluate(final=True))
         self.export()  # every process: gathering the parameters is collective
         return last
 
