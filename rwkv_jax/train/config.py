@@ -85,13 +85,15 @@ class TrainConfig:
     ``eval_batches`` x ``batch_size`` windows of the validation split; the final step's
     evaluation scores ``final_eval_batches`` x ``batch_size`` of them (None: as many as
     ``eval_batches``), so the progress evaluations can be a cheap fixed subset while the
-    reported result covers the whole split. ``chunk_len`` > 0 trains each row of ``data.ctx_len`` tokens in
-    chunks of that many tokens, the recurrent state carried from chunk to chunk, so
-    activation memory follows ``chunk_len``, not ``ctx_len`` (RWKV's "infctx"; 0 = whole
-    rows). ``chunk_grad``: "full" backpropagates through the carried state (the gradient
-    of whole rows, exactly); "truncated" stops it between chunks (RWKV-PEFT-style truncated
-    backpropagation, an approximation: a chunk's loss does not train what earlier chunks
-    wrote into the state; here it saves no memory, only the state's backward pass).
+    reported result covers the whole split.
+
+    ``chunk_len`` > 0 trains each row of ``data.ctx_len`` tokens in chunks of that many
+    tokens, the recurrent state carried from chunk to chunk, so activation memory follows
+    ``chunk_len``, not ``ctx_len`` (RWKV's "infctx"; 0 = whole rows). ``chunk_grad``:
+    "full" backpropagates through the carried state (the gradient of whole rows, exactly);
+    "truncated" stops it between chunks (RWKV-PEFT-style truncated backpropagation, an
+    approximation: a chunk's loss does not train what earlier chunks wrote into the state;
+    here it saves no memory, only the state's backward pass).
     See :func:`rwkv_jax.train.step.loss_fn`."""
 
     max_steps: int = 500
