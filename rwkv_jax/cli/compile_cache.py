@@ -41,11 +41,16 @@ def cache_dir(environ: Mapping[str, str] | None = None) -> pathlib.Path:
     return pathlib.Path(base).expanduser() / "rwkv-jax" / "xla"
 
 
+def switched_off(environ: Mapping[str, str], name: str) -> bool:
+    """Whether the environment variable ``name`` is 0/false/no/off (any case, spaces
+    ignored): how the CLI's on-by-default switches are turned off."""
+    return environ.get(name, "").strip().lower() in ("0", "false", "no", "off")
+
+
 def wanted(disabled_by_flag: bool, environ: Mapping[str, str] | None = None) -> bool:
     """False when ``--no-compile-cache`` or ``RWKV_JAX_COMPILATION_CACHE=0/false/no/off``."""
     env = os.environ if environ is None else environ
-    return not disabled_by_flag and \
-        env.get(ENV_SWITCH, "").strip().lower() not in ("0", "false", "no", "off")
+    return not disabled_by_flag and not switched_off(env, ENV_SWITCH)
 
 
 def configure(disabled_by_flag: bool = False) -> pathlib.Path | None:

@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
+from rwkv_jax.cli.compile_cache import switched_off
+
 ENV_SWITCH = "RWKV_JAX_XLA_DEFAULTS"
 # command -> flags (name, value) it gets on CPU
 COMMAND_FLAGS: dict[str, tuple[tuple[str, str], ...]] = {
@@ -62,7 +64,7 @@ def apply(command: str, environ: MutableMapping[str, str] | None = None) -> list
     :data:`KNOWN_JAXLIB`, or once a JAX backend has started in this process."""
     env = os.environ if environ is None else environ
     wanted = COMMAND_FLAGS.get(command, ())
-    if not wanted or env.get(ENV_SWITCH, "").strip().lower() in ("0", "false", "no", "off"):
+    if not wanted or switched_off(env, ENV_SWITCH):
         return []
     platforms = env.get("JAX_PLATFORMS", "").strip().lower()
     if platforms and "cpu" not in platforms.split(","):
