@@ -7,7 +7,8 @@
   samples (``num_samples``) is prefilled once and its state copied.
 * Decoding is one jitted step over every stream at once (:func:`decode_step`): sample, feed
   the token, keep the last logits. Every sampling setting is a traced per-row value, so the
-  step compiles once per (model, batch size, all-greedy or not) and is reused for every token
+  step compiles once per (model, batch size, all-greedy or not, any penalty or not) and is
+  reused for every token
   and every later call. On a CPU a step is bound by reading the weights, so B streams cost
   little more than one.
 * Sampling (ChatRWKV ``sample_logits``), per stream: softmax, top-p cut at the first
@@ -173,19 +174,26 @@ def _per_row(s: Sampling | Sequence[Sampling], n: int) -> list[Sampling]:
 
 
 # ---- compiled step ---------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("moduledef", "greedy"))
+@functools.partial(jax.jit, static_argnames=("moduledef", "greedy"), donate_argnums=(2, 4))
 def decode_step(moduledef: functional.ModuleDef, values, logits, state, counts, seeds, step,
                 active, sp: SamplingArrays, *, greedy: bool):
     """Sample one token per stream from ``logits`` [B, V] (row b with seed ``seeds[b]`` at
     ``step``), feed it, return ``(tokens [B], next logits [B, V], state, counts)``. Rows not
     ``active`` keep their state. ``moduledef, values``: :func:`rwkv_jax.model.functional.split`
-    of the model."""
-    penalised = logits - (sp.presence[:, None] * (counts > 0).astype(F32)
-                          + sp.frequency[:, None] * counts)
+    of the model.
+
+    ``counts`` [B, V] (the decayed token counts the penalties read) or None: no stream has a
+    presence or frequency penalty, and nothing is counted (a [B, V] pass less per step).
+    ``logits`` and ``counts`` are donated (their buffers become the outputs'); ``state`` is
+    not, since callers hand each step's state out."""
+    if counts is not None:
+        logits = logits - (sp.presence[:, None] * (counts > 0).astype(F32)
+                           + sp.frequency[:, None] * counts)
     keys = jax.vmap(lambda seed: jax.random.fold_in(jax.random.PRNGKey(seed), step))(seeds)
-    tok = _sample(penalised, keys, sp, greedy)
-    counts = counts * sp.decay[:, None]
-    counts = counts.at[jnp.arange(tok.shape[0]), tok].add(jnp.float32(1.0))
+    tok = _sample(logits, keys, sp, greedy)
+    if counts is not None:
+        counts = counts * sp.decay[:, None]
+        counts = counts.at[jnp.arange(tok.shape[0]), tok].add(jnp.float32(1.0))
     new_logits, new_state = moduledef.merge(values).forward(tok[:, None], state,
                                                            logits_to_keep=1)
 
@@ -271,7 +279,8 @@ class _Decoder:
     def __init__(self, model, prompts, samplings: Sequence[Sampling], seed: int, state):
         self.logits, self.state = prefill(model, prompts, state)
         self.moduledef, self.values = functional.split(model)
-        self.counts = jnp.zeros(self.logits.shape, F32)
+        penalised = any(s.presence_penalty or s.frequency_penalty for s in samplings)
+        self.counts = jnp.zeros(self.logits.shape, F32) if penalised else None
         self.seeds = jnp.asarray([(seed + i) % (1 << 32) for i in range(len(prompts))],
                                  jnp.uint32)
         self.sp = sampling_arrays(samplings, self.logits.shape[-1])

@@ -121,6 +121,8 @@ def test_decode_step_compiles_once(rand_model):
     generate(rand_model, BYTES, "Hi", max_tokens=3, temperature=0)
     generate(rand_model, BYTES, "Hi", max_tokens=3, temperature=0.7, seed=1)
     generate(rand_model, BYTES, "Hello there", max_tokens=3, temperature=0)
+    # a penalty makes the step count tokens: one more program, once
+    generate(rand_model, BYTES, "Hi", max_tokens=3, temperature=0.7, presence_penalty=0.1)
     n = decode_step._cache_size()
     # more tokens, other prompts of seen lengths and every other sampling value: nothing new
     with CompileCounter() as c:
