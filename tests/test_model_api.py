@@ -17,7 +17,7 @@ from compile_count import CompileCounter
 from flax import nnx
 
 import rwkv_jax
-from rwkv_jax.model.lm import PREFILL_SIZES, prefill_chunks
+from rwkv_jax.model.lm import PREFILL_SIZES, padded_length, prefill_chunks
 from rwkv_jax.tokenizers import ByteTokenizer
 
 CFG7 = rwkv_jax.RWKVConfig.tiny("7", n_layer=2)
@@ -48,15 +48,47 @@ def test_new_lengths_compile_nothing_after_warmup(model):
     """Once every chunk program has run, prompts of new lengths reuse those programs.
 
     With ``logits_to_keep=1`` a chunk runs as one of three programs: no head (an earlier
-    chunk), the head on its last position, or the head on all of it (a final chunk of 1)."""
+    chunk), the head on its last position, or the head on all of it (a final chunk of 1).
+    A short call from the empty state runs as one left-padded chunk with a reset."""
+    empty = model.init_state(1)  # an explicit state: chunked greedily, never padded
     for size in PREFILL_SIZES[1:]:  # 512 ... 1 (1024 is only needed beyond 1024)
-        model(_tokens(size), logits_to_keep=1)      # the head on the last position
-        model(_tokens(size + 1), logits_to_keep=1)  # no head, then a final chunk of 1
+        model(_tokens(size), logits_to_keep=1)             # the head on the last position
+        model(_tokens(size + 1), empty, logits_to_keep=1)  # no head, then a final chunk of 1
+        if padded_length(size - 1) == size:
+            model(_tokens(size - 1), logits_to_keep=1)     # padded to this size
     with CompileCounter() as c:
-        for n in (10, 100, 333, 999):
+        for n in (5, 10, 50, 100, 333, 999):
             logits, _ = model(_tokens(n, seed=n), logits_to_keep=1)
             assert logits.shape == (1, 1, 256)
     assert c.compiles == 0
+
+
+def test_short_call_runs_as_one_padded_chunk(model, monkeypatch):
+    """From the empty state a short call is one program call, left-padded with a reset at
+    its first token, and equals the greedy chunks, a traced whole call and token by token."""
+    from rwkv_jax.model import lm
+    assert [padded_length(n) for n in (1, 3, 14, 33, 64, 65)] == [None, 4, 16, 64, None, None]
+    x = _tokens(14, seed=3, batch=2)
+    calls = []
+    real = lm._apply
+    monkeypatch.setattr(lm, "_apply", lambda *a: calls.append(a[2].shape) or real(*a))
+    padded, s_padded = model(x)
+    last, _ = model(x, logits_to_keep=3)
+    greedy, s_greedy = model(x, model.init_state(2))  # an explicit state: 8 + 4 + 2
+    assert calls == [(2, 16), (2, 16), (2, 8), (2, 4), (2, 2)]
+    monkeypatch.undo()
+    whole, s_whole = nnx.jit(lambda m, t: m(t))(model, x)
+    steps, st = [], None
+    for t in range(x.shape[1]):
+        out, st = model(x[:, t:t + 1], st)
+        steps.append(np.asarray(out))
+    assert padded.shape == (2, 14, 256) and last.shape == (2, 3, 256)
+    for ref in (greedy, whole, np.concatenate(steps, axis=1)):
+        np.testing.assert_allclose(np.asarray(padded), np.asarray(ref), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(last), np.asarray(padded)[:, -3:], atol=1e-6)
+    for ref in (s_greedy, s_whole, st):
+        for a, b in zip(jax.tree.leaves(s_padded), jax.tree.leaves(ref)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
 
 
 def test_split_equals_whole_for_any_length(model):
