@@ -197,7 +197,9 @@ def test_lora_trains_adapters_only_and_exports(tmp_path, fixtures_dir):
     x = np.asarray([list(b"ROMEO: What say you, my lord?!!!")], np.int32)  # 32: one chunk
     lm, _ = merged(x)
     lu, _ = unmerged(x)
-    np.testing.assert_allclose(np.asarray(lu), np.asarray(lm), atol=1e-5)
+    # W + s·BA rounded once (merged) against x·W + s·(x·B)·A: float32 rounding, relative to
+    # logits of magnitude ~5 (seen 1.1e-5 absolute on a Xeon with AVX-512)
+    np.testing.assert_allclose(np.asarray(lu), np.asarray(lm), rtol=1e-5, atol=1e-5)
     lb, _ = rwkv_jax.load(base, ln_x_eps=1e-5)(x)
     assert np.abs(np.asarray(lm) - np.asarray(lb)).max() > 1e-2
 
