@@ -259,6 +259,34 @@ def test_ctrl_c_is_one_line_and_130(fixtures_dir, warm_cache):
     assert proc.returncode == 130 and err.decode() == "rwkv-jax generate: interrupted\n"
 
 
+def test_ctrl_c_swallowed_by_a_library_callback_still_stops_generate(monkeypatch, fixtures_dir,
+                                                                   capsys):
+    """jax-ml/jax#18246: a KeyboardInterrupt raised inside a callback JAX runs for Python (its
+    gc hook) can be swallowed there; the remembered Ctrl-C still ends the loop, in one line."""
+    import importlib
+
+    from rwkv_jax.cli import errors
+    generation = importlib.import_module("rwkv_jax.generate")  # the module, not the function
+
+    def endless(*args, **kwargs):
+        for i in range(10_000):
+            if i == 3:
+                try:  # what the swallowing callback does with the signal handler's exception
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    pass
+            yield ["x"], None
+        raise AssertionError("the interrupt was lost")
+
+    monkeypatch.setattr(generation, "stream_with_state", endless)
+    argv = ["generate", "--model", str(fixtures_dir / "rwkv4-tiny-660k.pth"), "--prompt", "Hi"]
+    assert main(argv) == 130
+    out, err = capsys.readouterr()
+    assert out == "xxx" and err.endswith("rwkv-jax generate: interrupted\n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    errors._interrupted.clear()
+
+
 def test_ctrl_c_in_train_says_how_to_resume(monkeypatch, tmp_path, capsys):
     import rwkv_jax.train.trainer
 

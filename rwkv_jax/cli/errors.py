@@ -8,7 +8,11 @@
   ``rwkv-jax CMD: error: MESSAGE`` on stderr and exit status 2, without a traceback;
 * a closed stdout pipe (``rwkv-jax generate ... | head -c 10``) into a quiet exit, as Unix
   tools do (status 141 = 128 + SIGPIPE);
-* Ctrl-C into one line and status 130.
+* Ctrl-C into one line and status 130. The Ctrl-C is also remembered
+  (:func:`check_interrupted`): a KeyboardInterrupt raised while Python runs a library's
+  callback (JAX's garbage-collection hook, a pytree flatten called from C++) can be
+  swallowed there (jax-ml/jax#18246), and a long loop would then go on for ever; the
+  command's loops check the flag once per step.
 
 Anything else is a bug and keeps its traceback.
 """
@@ -19,6 +23,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 USAGE_ERROR = 2
@@ -48,6 +53,22 @@ def describe(e: BaseException) -> str:
     return one_line(str(e) or type(e).__name__)
 
 
+_interrupted = threading.Event()
+
+
+def _on_sigint(signum, frame) -> None:
+    """SIGINT: remember it, then raise KeyboardInterrupt as Python's own handler does."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+def check_interrupted() -> None:
+    """Raise KeyboardInterrupt if Ctrl-C came during this command, even if the one raised
+    then was swallowed on its way (see the module docstring). Call once per loop step."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
+
+
 def _anticipated(e: BaseException) -> bool:
     if isinstance(e, (ValueError, OSError, ModuleNotFoundError)):
         return True
@@ -70,6 +91,12 @@ def _silence_stdout() -> None:
 def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argparse.Namespace,
                 *, interrupted: str = "interrupted") -> int:
     """``run(args)`` with the error mapping of the module docstring; the exit status."""
+    _interrupted.clear()
+    # remember Ctrl-C, unless the embedding program has a SIGINT handler of its own
+    own = threading.current_thread() is threading.main_thread() \
+        and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own:
+        signal.signal(signal.SIGINT, _on_sigint)
     try:
         code = run(args)
         sys.stdout.flush()  # a closed pipe surfaces here, inside the handler, not at exit
@@ -87,3 +114,6 @@ def run_command(name: str, run: Callable[[argparse.Namespace], int], args: argpa
             raise
         print(f"rwkv-jax {name}: error: {describe(e)}", file=sys.stderr)
         return USAGE_ERROR
+    finally:
+        if own:
+            signal.signal(signal.SIGINT, signal.default_int_handler)

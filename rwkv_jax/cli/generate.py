@@ -72,6 +72,7 @@ def _unescape(s: str) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from rwkv_jax.cli.common import fit_tokenizer, given_tokenizer, load_model
+    from rwkv_jax.cli.errors import check_interrupted
     from rwkv_jax.generate import Sampling, stream_with_state
     from rwkv_jax.state import load_state, save_state
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
                                           seed=args.seed, stop=stop,
                                           stop_tokens=args.stop_token, state=state,
                                           sampling=sampling):  # one batched decode step
+        check_interrupted()  # a Ctrl-C swallowed inside a library callback still stops us
         if n_steps == 0:
             t_first = time.perf_counter()
         n_steps += 1
