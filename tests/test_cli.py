@@ -204,36 +204,6 @@ print(after[0])
     assert proc.stdout.strip() == "None"
 
 
-def test_xla_options_for_train_only(monkeypatch):
-    """`rwkv-jax train` gets YNNPACK reductions only on CPU; a flag the user set wins; the
-    switch, a non-CPU platform, an unknown jaxlib and a started backend add nothing."""
-    from rwkv_jax.cli import xla_options as xo
-    monkeypatch.setattr(xo, "_backend_started", lambda: False)
-    monkeypatch.setattr(xo, "_jaxlib_version", lambda: "0.10.2")
-    flag = "--xla_cpu_experimental_ynn_fusion_type=reduce"
-    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    assert xo.apply("train", env) == [flag]
-    assert env["XLA_FLAGS"] == f"--xla_force_host_platform_device_count=8 {flag}"
-    assert xo.apply("train", env) == []  # never twice
-    assert env["XLA_FLAGS"].count("ynn_fusion_type") == 1
-    env = {}
-    assert xo.apply("train", env) == [flag] and env["XLA_FLAGS"] == flag
-    for command in ("generate", "eval", "info"):
-        env = {}
-        assert xo.apply(command, env) == [] and env == {}
-    mine = {"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}
-    assert xo.apply("train", mine) == [] and mine["XLA_FLAGS"].endswith("type=")
-    for off in ({"RWKV_JAX_XLA_DEFAULTS": "0"}, {"JAX_PLATFORMS": "cuda"}):
-        assert xo.apply("train", dict(off)) == []
-    assert xo.apply("train", {"JAX_PLATFORMS": "cpu"}) == [flag]
-    monkeypatch.setattr(xo, "_jaxlib_version", lambda: "0.13.0")
-    assert xo.apply("train", {}) == []
-    monkeypatch.setattr(xo, "_jaxlib_version", lambda: "0.11.1")
-    assert xo.apply("train", {}) == [flag]
-    monkeypatch.setattr(xo, "_backend_started", lambda: True)
-    assert xo.apply("train", {}) == []
-
-
 # ---- pipes and Ctrl-C ----------------------------------------------------------------------
 def _streaming_generate(fixtures_dir, warm_cache) -> subprocess.Popen:
     """``rwkv-jax generate`` that would run for a long time; returns once it has written."""

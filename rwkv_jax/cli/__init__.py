@@ -5,7 +5,6 @@
 * :mod:`.args`: shared argument types (checked while parsing) and argument groups.
 * :mod:`.common`: model and tokenizer loading shared by the inference commands.
 * :mod:`.compile_cache`: the persistent XLA compilation cache the CLI turns on.
-* :mod:`.xla_options`: the XLA:CPU flags a command gets before JAX starts (``train``).
 * :mod:`.train`, :mod:`.generate`, :mod:`.eval`, :mod:`.convert`, :mod:`.prepare`,
   :mod:`.info`: one command each: ``HELP``, ``add_arguments(parser)``, ``run(args) -> int``.
 

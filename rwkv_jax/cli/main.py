@@ -3,8 +3,7 @@
 Each command is a module with ``HELP``, ``add_arguments(parser)`` and ``run(args) -> int``
 (optionally ``USES_JAX = False`` and an ``INTERRUPTED`` message); :data:`COMMANDS` lists
 them in the order ``--help`` shows. Parsing imports none of JAX: a command's ``run`` imports
-what it needs, after the command's XLA options (:mod:`.xla_options`) and the persistent
-compilation cache are configured.
+what it needs, after the persistent compilation cache is configured.
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ import argparse
 import types
 
 from rwkv_jax import __version__
-from rwkv_jax.cli import compile_cache, convert, generate, info, prepare, train, xla_options
+from rwkv_jax.cli import compile_cache, convert, generate, info, prepare, train
 from rwkv_jax.cli import eval as eval_command
 from rwkv_jax.cli.args import Parser
 from rwkv_jax.cli.errors import run_command
@@ -62,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def run(a: argparse.Namespace) -> int:
         if getattr(command, "USES_JAX", True):
-            xla_options.apply(args.command)  # before anything starts a JAX backend
             compile_cache.configure(disabled_by_flag=a.no_compile_cache)
         return command.run(a)
 
