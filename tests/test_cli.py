@@ -205,11 +205,19 @@ print(after[0])
 
 
 # ---- pipes and Ctrl-C ----------------------------------------------------------------------
+def _sigint_default() -> None:
+    """In the child before exec: SIGINT to its default action. A suite started as a
+    background job (``pytest &`` from a script) inherits SIGINT ignored, and so would the
+    command, as a background job should; the test wants a terminal's Ctrl-C."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _streaming_generate(fixtures_dir, warm_cache) -> subprocess.Popen:
     """``rwkv-jax generate`` that would run for a long time; returns once it has written."""
     proc = subprocess.Popen([sys.executable, "-m", "rwkv_jax",
                              *_generate(fixtures_dir)[:-3], "--max-tokens", "1000000", "-q"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=warm_cache[0])
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=warm_cache[0],
+                            preexec_fn=_sigint_default)
     assert len(proc.stdout.read(4)) == 4  # it is streaming now
     return proc
 
@@ -230,7 +238,7 @@ def test_ctrl_c_is_one_line_and_130(fixtures_dir, warm_cache):
 
 
 def test_ctrl_c_swallowed_by_a_library_callback_still_stops_generate(monkeypatch, fixtures_dir,
-                                                                   capsys):
+                                                                   capsys, request):
     """jax-ml/jax#18246: a KeyboardInterrupt raised inside a callback JAX runs for Python (its
     gc hook) can be swallowed there; the remembered Ctrl-C still ends the loop, in one line."""
     import importlib
@@ -249,6 +257,9 @@ def test_ctrl_c_swallowed_by_a_library_callback_still_stops_generate(monkeypatch
         raise AssertionError("the interrupt was lost")
 
     monkeypatch.setattr(generation, "stream_with_state", endless)
+    # Python's own handler, as in a terminal (a background-job suite inherits SIGINT ignored)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, previous))
     argv = ["generate", "--model", str(fixtures_dir / "rwkv4-tiny-660k.pth"), "--prompt", "Hi"]
     assert main(argv) == 130
     out, err = capsys.readouterr()
