@@ -8,9 +8,8 @@
 * Decoding is one jitted step over every stream at once (:func:`decode_step`): sample, feed
   the token, keep the last logits. Every sampling setting is a traced per-row value, so the
   step compiles once per (model, batch size, all-greedy or not, any penalty or not) and is
-  reused for every token
-  and every later call. On a CPU a step is bound by reading the weights, so B streams cost
-  little more than one.
+  reused for every token and every later call. On a CPU a step is bound by reading the
+  weights, so B streams cost little more than one.
 * Sampling (ChatRWKV ``sample_logits``), per stream: softmax, top-p cut at the first
   probability whose cumulative sum reaches ``top_p``, optional top-k, then
   ``probs ** (1/temperature)``; temperature 0 is greedy. Presence/frequency penalties subtract

@@ -26,8 +26,9 @@ into chunks of the lengths in :data:`PREFILL_SIZES` (the state carried between t
 exact for a recurrence), so prompts of any length compile at most ``len(PREFILL_SIZES)``
 shapes per batch size. A short call from the empty state (at most :data:`PAD_UP_TO` tokens,
 not itself a chunk size) runs as one left-padded chunk with a reset at its first real token
-(:func:`padded_length`): one pass over the weights, one more program per such size. Inside a user's ``jax.jit``/``nnx.jit``/``jax.grad`` the call is
-traced inline, whole, as part of the caller's computation.
+(:func:`padded_length`): one pass over the weights, one more program per such size. Inside
+a user's ``jax.jit``/``nnx.jit``/``jax.grad`` the call is traced inline, whole, as part of
+the caller's computation.
 """
 
 from __future__ import annotations
@@ -318,6 +319,4 @@ def _padded_call(moduledef, values, tokens: np.ndarray, state, keep: int, size: 
     padded[:, pad:] = tokens
     resets = np.zeros((B, size), np.bool_)
     resets[:, pad] = True
-    logits, state = _apply(moduledef, values, padded, state, min(keep, T) if keep else T,
-                           resets)
-    return logits, state
+    return _apply(moduledef, values, padded, state, min(keep, T) if keep else T, resets)
