@@ -88,7 +88,7 @@ def main(argv=None):
     for name, r in runs.items():
         med = statistics.median(r["ms"])
         rows.append([name, f"{med:.1f}", " / ".join(f"{x:.1f}" for x in r["ms"]),
-                     _common.ratio(med, base) if base else "-", f"{r['compile_s']:.1f}"])
+                     _common.ratio(med, base), f"{r['compile_s']:.1f}"])
     print(_common.markdown_table(["case", "ms/step (median)", "rounds", "x config",
                                   "compile + first step s"], rows))
     if args.json:
