@@ -1,9 +1,12 @@
-"""The training step of a config, alone: milliseconds per compiled ``Trainer.train_step``.
+"""The training step of a config, alone: milliseconds per step, run as ``Trainer.fit`` runs it.
 
 Builds the real :class:`rwkv_jax.train.trainer.Trainer` from a config file plus overrides
 (the data, model, optimizer, schedule and loss exactly as ``rwkv-jax train`` would run them),
-compiles its step, then times ``--rounds`` rounds of ``--steps`` steps each (the batches made
-beforehand, so data preparation is not timed; the device is waited on once per round).
+compiles its steps, then times ``--rounds`` rounds of ``--steps`` steps each, dispatched as
+the training loop dispatches them: ``train.steps_per_call`` steps per call of the compiled
+``train_steps`` (``--variant "one=train.steps_per_call=1"``: one dispatch per step). The
+batches are made beforehand, so data preparation is not timed; the device is waited on once
+per round.
 Each ``--variant NAME=OVERRIDES`` (repeatable) builds another trainer with those overrides
 added; variants are timed round-robin so load drift hits them alike. XLA flags are the
 environment's: compare flag settings by running the script once per ``XLA_FLAGS`` value. ::
@@ -40,7 +43,7 @@ def main(argv=None):
     p.add_argument("--variant", action="append", default=[],
                    help="NAME=OVERRIDE [OVERRIDE ...] (repeatable)")
     p.add_argument("--no-baseline", action="store_true", help="time only the variants")
-    p.add_argument("--steps", type=int, default=40, help="steps per timed round")
+    p.add_argument("--steps", type=int, default=128, help="steps per timed round")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--json")
     args = p.parse_args(argv)
@@ -61,9 +64,11 @@ def main(argv=None):
                                             f"out_dir={os.path.join(out_root, name)}",
                                             *overrides])
             tr = Trainer(cfg)
-            batches = [tr.global_batch(i) for i in range(args.steps)]
+            k = min(tr.steps_per_call, args.steps)
+            batches = [(tr.global_batches(i, min(k, args.steps - i), k), min(k, args.steps - i))
+                       for i in range(0, args.steps, k)]
             t0 = time.perf_counter()
-            state, out = tr.train_step(tr.state, batches[0])
+            state, out = tr.run_steps(tr.state, *batches[0])
             jax.block_until_ready(out)
             runs[name] = {"trainer": tr, "state": state, "batches": batches,
                           "compile_s": time.perf_counter() - t0, "ms": []}
@@ -72,11 +77,11 @@ def main(argv=None):
                 r = runs[name]
                 t0 = time.perf_counter()
                 state = r["state"]
-                for b in r["batches"]:
-                    state, out = r["trainer"].train_step(state, b)
+                for b, n in r["batches"]:
+                    state, out = r["trainer"].run_steps(state, b, n)
                 jax.block_until_ready(out)
                 r["state"] = state
-                r["ms"].append((time.perf_counter() - t0) / len(r["batches"]) * 1e3)
+                r["ms"].append((time.perf_counter() - t0) / args.steps * 1e3)
     finally:
         shutil.rmtree(out_root, ignore_errors=True)
 
@@ -90,7 +95,7 @@ def main(argv=None):
         rows.append([name, f"{med:.1f}", " / ".join(f"{x:.1f}" for x in r["ms"]),
                      _common.ratio(med, base), f"{r['compile_s']:.1f}"])
     print(_common.markdown_table(["case", "ms/step (median)", "rounds", "x config",
-                                  "compile + first step s"], rows))
+                                  "compile + first call s"], rows))
     if args.json:
         _common.write_json(args.json, {name: {k: r[k] for k in ("ms", "compile_s")}
                                        for name, r in runs.items()})

@@ -433,6 +433,9 @@ def _poisoned_trainer(cfg, monkeypatch, how: str) -> Trainer:
     t.train_step = step_mod.compile_train_step(t.spec, t.state_shardings,
                                                t.topology.batch_sharding(3, 1),
                                                t.topology.replicated)
+    t.train_steps = step_mod.compile_train_steps(t.spec, t.state_shardings,
+                                                 t.topology.batch_sharding(4, 2),
+                                                 t.topology.replicated)
     return t
 
 
@@ -448,6 +451,51 @@ def test_nonfinite_step_stops_and_keeps_checkpoint(tmp_path, monkeypatch, how):
     t3 = Trainer(cfg)
     assert t3.restore_latest() and t3.step == 4
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree.leaves(t3.state.params))
+
+
+def test_steps_per_call_gives_the_same_run(tmp_path):
+    """Several steps per dispatch (the default) and one per dispatch train exactly the same
+    model: the same logged losses and the same final parameters, bit for bit."""
+    common = ("train.max_steps=9", "train.log_every=4", "train.eval_every=0",
+              "checkpoint.every=100")
+    one = _cfg(tmp_path / "one", *common, "train.steps_per_call=1")
+    many = _cfg(tmp_path / "many", *common, "train.steps_per_call=3")
+    t_one, t_many = Trainer(one), Trainer(many)
+    assert (t_one.steps_per_call, t_many.steps_per_call) == (1, 3)
+    t_one.fit()
+    t_many.fit()
+    assert _losses(one.out_dir) == _losses(many.out_dir)
+    assert [s for s, _ in _losses(many.out_dir)] == [4, 8, 9]
+    for a, b in zip(jax.tree.leaves(t_one.state.params), jax.tree.leaves(t_many.state.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(t_many.state.step) == 9
+
+
+def test_plan_ends_calls_at_hooked_steps_and_the_cap():
+    from rwkv_jax.train import loop
+    hooks = [loop.Every(5), loop.Every(0, at_end=True)]
+    assert loop.plan(0, 12, 12, hooks, 3) == [
+        (0, 3, False), (3, 2, True), (5, 3, False), (8, 2, True), (10, 2, True)]
+    # a pause before the end: the last call ends at the pause, unsynced unless wanted
+    assert loop.plan(2, 7, 12, hooks, 64) == [(2, 3, True), (5, 2, False)]
+    assert loop.plan(4, 4, 12, hooks, 8) == []
+
+
+def test_nonfinite_step_inside_a_call_names_that_step(tmp_path):
+    """A step that goes non-finite in the middle of a multi-step call stops the call there:
+    the error names that step, not the call's last, and the checkpoint before it is kept."""
+    cfg = _cfg(tmp_path, "train.max_steps=12", "train.log_every=12", "train.eval_every=0",
+               "checkpoint.every=4")
+    t = Trainer(cfg)
+    # finite until state.step reaches 6 (the 7th step), then an infinite learning rate
+    t.spec = dataclasses.replace(t.spec, lr=lambda step: jnp.where(step >= 6, jnp.inf, 1e-3))
+    t.train_steps = step_mod.compile_train_steps(t.spec, t.state_shardings,
+                                                 t.topology.batch_sharding(4, 2),
+                                                 t.topology.replicated)
+    with pytest.raises(TrainingDiverged, match=r"at step 7 .*step 4"):
+        t.fit()
+    ckpts = pathlib.Path(cfg.out_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir() if p.name.isdigit()) == ["4"]
 
 
 def test_default_yaml_is_the_builtin_default():

@@ -115,6 +115,10 @@ class TrainConfig:
     divergence_threshold: float | None = None
     chunk_len: int = 0
     chunk_grad: str = "full"
+    # steps per dispatch: up to this many steps run in one compiled call (fewer where a log,
+    # evaluation or checkpoint falls, and at most ~4M tokens of batches per call); 1 = one
+    # dispatch per step. The losses are the same either way.
+    steps_per_call: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,6 +290,7 @@ _RANGES = {
     "train.grad_accum": _at_least(1),
     "train.eval_every": (lambda v: v >= 0, "must be >= 0 (0 = no evaluation)"),
     "train.log_every": _at_least(1),
+    "train.steps_per_call": _at_least(1),
     "train.sample_tokens": _at_least(0),
     "train.chunk_len": (lambda v: v >= 0, "must be >= 0 (0 = whole rows)"),
     "checkpoint.every": _at_least(1),

@@ -1,9 +1,10 @@
 """The training loop: steps, and hooks at the steps that want them. Nothing else.
 
-Each step is ``state, out = step_fn(state, batch_fn(step))``. The device is only waited on
-at a step some hook wants (:meth:`Hook.wants`): there the step's metrics are fetched, a
-non-finite step stops the run (:class:`Diverged`; the compiled step left the state as it
-was, so no hook sees a bad state), and each hook that wants the step, or that observes
+Steps run several to a call (:func:`plan`: up to ``steps_per_call``, and a call ends at every
+step some hook wants, :meth:`Hook.wants`), so the host dispatches once per call, not once
+per step. After each call its metrics are fetched and a non-finite step stops the run
+(:class:`Diverged`; the compiled steps stopped at it and left the state as it was, so no
+hook sees a bad state). At a step a hook wants, each hook that wants it, or that observes
 every such step (``every_sync``: logging), is called in order with one shared ``record``
 (the step's logged values, which hooks may add to: evaluation adds ``val_loss``).
 Throughput is measured between such steps, excluding hook time.
@@ -46,30 +47,57 @@ class Hook(Protocol):
         """The loop is over (normally or not)."""
 
 
-def run(state, *, start: int, stop: int, final: int, batch_fn: Callable[[int], Any],
-        step_fn: Callable, hooks: Sequence[Hook], tokens_per_step: int):
+def plan(start: int, stop: int, final: int, hooks: Sequence[Hook],
+         steps_per_call: int) -> list[tuple[int, int, bool]]:
+    """The calls that run steps ``start .. stop-1``: ``(first, n, synced)`` each, ``n`` <=
+    ``steps_per_call`` steps from step ``first`` (0-based); a call ends at every step a hook
+    wants (``synced``: hooks are called after it)."""
+    calls, first = [], start
+    for i in range(start, stop):
+        step = i + 1
+        due = any(h.wants(step, step == final) for h in hooks)
+        if due or step - first == steps_per_call or step == stop:
+            calls.append((first, step - first, due))
+            first = step
+    return calls
+
+
+def run(state, *, start: int, stop: int, final: int, batch_fn: Callable[[int, int, int], Any],
+        step_fn: Callable, hooks: Sequence[Hook], tokens_per_step: int,
+        steps_per_call: int = 1):
     """Run steps ``start .. stop-1`` (0-based) and return the state after them.
 
+    The steps run in calls of :func:`plan`: ``state, out = step_fn(state, batches, n)`` runs
+    ``n`` steps on ``batches = batch_fn(first, n, k)`` (stacked for ``k`` steps, the longest
+    call of the plan, so one program serves them all; rows past ``n`` unused). The next
+    call's batches are made while the device runs the current call; each call's metrics are
+    then fetched (``out``: the last step's ``loss``, ``grad_norm``, ``lr``, ``ok`` and
+    ``step``, its 1-based count), and a step that was not ``ok`` raises :class:`Diverged`
+    (``step_fn`` stopped there and left the state as it was before that step).
     ``final``: the run's last step count (``stop`` may be earlier, a pause);
-    ``tokens_per_step`` feeds the ``tokens_per_s`` of each record. Raises :class:`Diverged`.
+    ``tokens_per_step`` feeds the ``tokens_per_s`` of each record.
     """
+    calls = plan(start, stop, final, hooks, max(1, steps_per_call))
+    k = max((n for _, n, _ in calls), default=1)
     t0, timed = time.perf_counter(), 0
     try:
-        for i in range(start, stop):
-            state, out = step_fn(state, batch_fn(i))
-            step, timed = i + 1, timed + 1
-            due = [h for h in hooks if h.wants(step, step == final)]
-            if not due:
-                continue
-            out = jax.device_get(out)  # the only host sync: at steps a hook wants
+        batches = batch_fn(calls[0][0], calls[0][1], k) if calls else None
+        for j, (first, n, synced) in enumerate(calls):
+            state, out = step_fn(state, batches, n)
+            if j + 1 < len(calls):  # made on the host while the device runs this call
+                batches = batch_fn(calls[j + 1][0], calls[j + 1][1], k)
+            out = jax.device_get(out)  # waits for this call's steps
             if not out["ok"]:
-                raise Diverged(step, float(out["loss"]), float(out["grad_norm"]))
+                raise Diverged(int(out["step"]), float(out["loss"]), float(out["grad_norm"]))
+            step, timed = first + n, timed + n
+            if not synced:
+                continue
             dt = time.perf_counter() - t0
             record = {"step": step, "train_loss": float(out["loss"]), "lr": float(out["lr"]),
                       "tokens_per_s": timed * tokens_per_step / dt,
                       "grad_norm": float(out["grad_norm"])}
             for hook in hooks:
-                if hook in due or hook.every_sync:
+                if hook.wants(step, step == final) or hook.every_sync:
                     hook(step, state, record)
             t0, timed = time.perf_counter(), 0  # the next interval excludes hook time
     finally:

@@ -3,7 +3,9 @@
 :func:`train_step` is pure; :func:`compile_train_step` binds its static description
 (:class:`StepSpec`: the model's graph, the optimizer, the schedule, the loss options) and
 jits it with explicit shardings and the state donated. Benchmarks and tests import these;
-the training loop only calls the compiled step.
+the training loop calls :func:`compile_train_steps`' program: up to K steps in one
+dispatch (:func:`train_steps`, a ``lax.while_loop`` of :func:`train_step` over stacked
+batches), so a small model's step is not paced by Python.
 
 One step: ``grad_accum`` micro-batches (a ``lax.scan``; each is ``batch_size`` rows), the
 masked cross-entropy (:func:`rwkv_jax.evaluate.cross_entropy`) with RWKV-LM's L2Wrap,
@@ -185,6 +187,41 @@ def train_step(state: TrainState, batch: Batch, *, spec: StepSpec):
         step=state.step + 1, params=jax.tree.map(keep, new_params, state.params),
         opt_state=jax.tree.map(keep, new_opt, state.opt_state))
     return new_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, "ok": ok}
+
+
+def train_steps(state: TrainState, batches: Batch, n: jax.Array, *, spec: StepSpec):
+    """Steps ``0 .. n-1`` of ``batches`` (each field ``[K, A, B, T]``; ``n`` <= K, an int32
+    scalar, traced: one program serves every count), each one :func:`train_step`, in one
+    ``lax.while_loop``. Stops after the first step that is not ``ok`` (that step changed
+    nothing; later ones do not run). Returns ``(state, metrics)``: the last step's metrics
+    (as :func:`train_step`'s) and ``"step"``, ``state.step`` after it (the 1-based count of
+    the step that failed, when ``ok`` is False). Rows of ``batches`` past ``n`` are unread.
+    Each step computes exactly what :func:`train_step` computes for its batch."""
+    def cond(carry):
+        i, _, out = carry
+        return (i < n) & out["ok"]
+
+    def body(carry):
+        i, st, _ = carry
+        batch = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False),
+                             batches)
+        st, out = train_step(st, batch, spec=spec)
+        return i + 1, st, {k: v.astype(out0[k].dtype) for k, v in out.items()}
+
+    f32 = jnp.zeros((), jnp.float32)
+    out0 = {"loss": f32, "grad_norm": f32, "lr": f32, "ok": jnp.asarray(True)}
+    _, state, out = jax.lax.while_loop(cond, body, (jnp.zeros((), jnp.int32), state, out0))
+    return state, {**out, "step": state.step}
+
+
+def compile_train_steps(spec: StepSpec, state_shardings, batches_sharding,
+                        replicated) -> Callable:
+    """:func:`train_steps` bound to ``spec`` and jitted: ``steps(state, batches, n) ->
+    (state, metrics)``, shardings as :func:`compile_train_step` (``batches_sharding``: one
+    sharding for the ``[K, A, B, T]`` arrays), the input state donated."""
+    return jax.jit(functools.partial(train_steps, spec=spec),
+                   in_shardings=(state_shardings, batches_sharding, replicated),
+                   out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
 def compile_train_step(spec: StepSpec, state_shardings, batch_sharding,

@@ -47,7 +47,10 @@ from rwkv_jax.train.mesh import (
 )
 from rwkv_jax.train.methods import Full, State
 from rwkv_jax.train.state import TrainState
-from rwkv_jax.train.step import Batch, StepSpec, compile_train_step
+from rwkv_jax.train.step import Batch, StepSpec, compile_train_step, compile_train_steps
+
+# the most tokens of batches one call of the compiled steps is given (train.steps_per_call)
+CALL_TOKENS = 1 << 22
 
 
 class TrainingDiverged(RuntimeError):
@@ -203,8 +206,11 @@ class Trainer:
         self.spec = StepSpec(graphdef=self.graphdef, method=self.method, tx=tx, lr=self.lr,
                              l2wrap=t.l2wrap, chunk_len=t.chunk_len,
                              chunk_grad=t.chunk_grad)
+        # one step per call (benchmarks, tests) and several (what fit runs: loop.plan)
         self.train_step = compile_train_step(self.spec, self.state_shardings,
                                              topo.batch_sharding(3, 1), topo.replicated)
+        self.train_steps = compile_train_steps(self.spec, self.state_shardings,
+                                               topo.batch_sharding(4, 2), topo.replicated)
         self.checkpointer = Checkpointer(self.run_dir / RunDir.CHECKPOINTS, cfg.checkpoint.keep)
         self.step = 0
         self._host_model: tuple[TrainState, RWKV] | None = None
@@ -219,6 +225,35 @@ class Trainer:
         local = self.batches.train_batch(step, self.host_index, self.host_count)
         return Batch(*(None if a is None else self.topology.global_batch(a, batch_axis=1)
                        for a in local))
+
+    def global_batches(self, first: int, n: int, k: int) -> Batch:
+        """Steps ``first .. first+n-1``'s batches stacked, ``[k, A, B, T]`` global arrays
+        (rows past ``n`` are zeros, unread by :func:`~rwkv_jax.train.step.train_steps`)."""
+        local = [self.batches.train_batch(first + j, self.host_index, self.host_count)
+                 for j in range(n)]
+
+        def stack(parts):
+            if parts[0] is None:
+                return None
+            a = np.stack(parts)
+            if n < k:
+                a = np.concatenate([a, np.zeros((k - n, *a.shape[1:]), a.dtype)])
+            return self.topology.global_batch(a, batch_axis=2)
+
+        return Batch(*(stack(parts) for parts in zip(*local)))
+
+    def run_steps(self, state: TrainState, batches: Batch, n: int):
+        """``n`` steps of :meth:`global_batches`' ``batches`` in one call of the compiled
+        :func:`~rwkv_jax.train.step.train_steps`: ``(state, metrics)``."""
+        return self.train_steps(state, batches, self.topology.put_replicated(np.int32(n)))
+
+    @property
+    def steps_per_call(self) -> int:
+        """``train.steps_per_call``, capped so that one call's batches hold at most
+        :data:`CALL_TOKENS` tokens."""
+        t = self.cfg.train
+        per_step = t.batch_size * t.grad_accum * self.cfg.data.ctx_len
+        return max(1, min(t.steps_per_call, CALL_TOKENS // per_step))
 
     def model(self, state: TrainState | None = None) -> RWKV:
         """The model of ``state`` (default: the current one), its arrays as the state holds
@@ -483,8 +518,9 @@ class Trainer:
         tokens_per_step = t.batch_size * t.grad_accum * cfg.data.ctx_len
         try:
             self.state = loop.run(self.state, start=self.step, stop=stop, final=t.max_steps,
-                                  batch_fn=self.global_batch, step_fn=self.train_step,
-                                  hooks=run_hooks, tokens_per_step=tokens_per_step)
+                                  batch_fn=self.global_batches, step_fn=self.run_steps,
+                                  hooks=run_hooks, tokens_per_step=tokens_per_step,
+                                  steps_per_call=self.steps_per_call)
         except loop.Diverged as e:
             raise TrainingDiverged(f"{e}; stopped. {_after_divergence(self.checkpointer)}") \
                 from None
