@@ -125,6 +125,49 @@ def sampling_arrays(samplings: Sequence[Sampling], vocab_size: int) -> SamplingA
                           col("penalty_decay"), jnp.asarray(banned))
 
 
+# nucleus / top-k cut-offs read the most probable NUCLEUS_PREFIX tokens of each row (a
+# partial sort, lax.top_k). A nucleus that reaches past them (a flat distribution) is found by
+# bisection on the probability instead (32 masked sums over the row); only a top_k above
+# NUCLEUS_PREFIX sorts the whole vocabulary. The cut-offs are the same either way.
+NUCLEUS_PREFIX = 256
+
+
+def _prefix_cutoffs(sorted_p: jax.Array, sp: SamplingArrays):
+    """From each row's most probable probabilities in descending order (``sorted_p`` [B, n],
+    a prefix of the sorted row or all of it): ``(found [B], cutoff [B, 1], kth [B, 1])``.
+    ``cutoff``: the probability at which the cumulative sum first reaches ``top_p`` (keep all
+    >= it; if rounding keeps the sum of everything below top_p = 1, keep everything; valid
+    where ``found``, i.e. the sum reaches top_p within the prefix, or the prefix is the whole
+    row); ``kth``: the ``top_k``-th probability (valid where top_k <= n)."""
+    n = sorted_p.shape[-1]
+    reached = jnp.cumsum(sorted_p, axis=-1) >= sp.top_p[:, None]
+    found = reached.any(axis=-1)
+    idx = jnp.where(found, jnp.argmax(reached, axis=-1), n - 1)
+    cutoff = jnp.take_along_axis(sorted_p, idx[:, None], axis=-1)
+    kth = jnp.take_along_axis(sorted_p, (jnp.clip(sp.top_k, 1, n) - 1)[:, None], axis=-1)
+    return found, cutoff, kth
+
+
+def _bisect_cutoff(probs: jax.Array, top_p: jax.Array) -> jax.Array:
+    """The nucleus cut-off of each row of ``probs`` [B, V] (>= 0) without sorting: the largest
+    ``c`` with ``sum(probs[probs >= c]) >= top_p``, which is one of the row's probabilities
+    (the one at which the descending cumulative sum reaches top_p), or 0 where even the whole
+    row sums below top_p. Bisection on the float32 bit patterns (ordered like the values for
+    non-negative floats), 32 masked row sums; returns [B, 1]."""
+    bits = jax.lax.bitcast_convert_type(probs, jnp.int32)
+    lo = jnp.zeros(probs.shape[:1], jnp.int32)           # S(lo) >= top_p, or lo = 0
+    hi = jnp.max(bits, axis=-1) + 1                      # S(hi) = 0 < top_p
+
+    def body(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        ok = jnp.sum(jnp.where(bits >= mid[:, None], probs, 0.0), axis=-1) >= top_p
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+    return jax.lax.bitcast_convert_type(lo, jnp.float32)[:, None]
+
+
 def _sample(logits: jax.Array, keys: jax.Array, sp: SamplingArrays, greedy: bool) -> jax.Array:
     """One token per row of ``logits`` [B, V] f32; row ``b`` draws with ``keys[b]`` and its
     own settings; ``greedy`` (static) = every row has temperature 0 (argmax only)."""
@@ -134,15 +177,17 @@ def _sample(logits: jax.Array, keys: jax.Array, sp: SamplingArrays, greedy: bool
         return argmax
     V = logits.shape[-1]
     probs = jax.nn.softmax(logits, axis=-1)
-    sorted_p = -jnp.sort(-probs, axis=-1)
-    cum = jnp.cumsum(sorted_p, axis=-1)
-    reached = cum >= sp.top_p[:, None]
-    # the probability at which the cumulative sum first reaches top_p: keep all >= it (if
-    # rounding keeps the sum below top_p = 1, keep everything)
-    idx = jnp.where(reached.any(axis=-1), jnp.argmax(reached, axis=-1), V - 1)
-    cutoff = jnp.take_along_axis(sorted_p, idx[:, None], axis=-1)
+    if V > NUCLEUS_PREFIX:
+        found, cutoff, kth = _prefix_cutoffs(jax.lax.top_k(probs, NUCLEUS_PREFIX)[0], sp)
+        cutoff = jax.lax.cond(
+            found.all(), lambda: cutoff,
+            lambda: jnp.where(found[:, None], cutoff, _bisect_cutoff(probs, sp.top_p)))
+        kth = jax.lax.cond(
+            (sp.top_k <= NUCLEUS_PREFIX).all(), lambda: kth,
+            lambda: _prefix_cutoffs(-jnp.sort(-probs, axis=-1), sp)[2])
+    else:
+        _, cutoff, kth = _prefix_cutoffs(-jnp.sort(-probs, axis=-1), sp)
     probs = jnp.where(probs < cutoff, 0.0, probs)
-    kth = jnp.take_along_axis(sorted_p, (jnp.clip(sp.top_k, 1, V) - 1)[:, None], axis=-1)
     probs = jnp.where((sp.top_k[:, None] > 0) & (probs < kth), 0.0, probs)
     # probs ** (1/T), renormalised by categorical: log(probs) / T
     temp = jnp.maximum(sp.temperature, 1e-6)[:, None]

@@ -7,6 +7,7 @@ one set of compiled prefill/decode functions.
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
 
@@ -206,6 +207,30 @@ def test_sample_logits_function():
         == [2, 0]
     with pytest.raises(ValueError, match="top_p"):
         Sampling(top_p=0)
+
+
+@pytest.mark.parametrize("scale", [8.0, 0.05])  # a peaked row (prefix path), a flat one
+@pytest.mark.parametrize("top_p, top_k", [(0.5, 0), (0.9, 5), (0.95, 300), (1.0, 0)])
+def test_nucleus_prefix_matches_the_whole_sort(monkeypatch, scale, top_p, top_k):
+    """The top-k prefix cut-offs draw exactly what sorting the whole vocabulary draws: where
+    the nucleus fits in the prefix, and where it does not (the fallback)."""
+    gen = importlib.import_module("rwkv_jax.generate")
+    rng = np.random.default_rng(1)
+    logits = jnp.asarray(rng.standard_normal((3, 2000)) * scale, jnp.float32)
+    s = Sampling(temperature=1.0, top_p=top_p, top_k=top_k)
+    keys = [jax.random.PRNGKey(i) for i in range(40)]
+    fast = [sample_logits(logits, k, s).tolist() for k in keys]
+    monkeypatch.setattr(gen, "NUCLEUS_PREFIX", 10 ** 9)
+    whole = [sample_logits(logits, k, s).tolist() for k in keys]
+    assert fast == whole
+    # and the draws respect the cut-offs: top_k, and the nucleus of sorted probabilities
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1), np.float64)
+    for row in range(3):
+        drawn = {t[row] for t in fast}
+        order = np.argsort(-probs[row])
+        n_nucleus = int(np.searchsorted(np.cumsum(probs[row][order]), top_p * (1 - 1e-6))) + 1
+        allowed = set(order[:min(n_nucleus, top_k or 2000)].tolist())
+        assert drawn <= allowed
 
 
 # ---- stop strings and streaming ----------------------------------------------------------
