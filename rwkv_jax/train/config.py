@@ -116,8 +116,9 @@ class TrainConfig:
     chunk_len: int = 0
     chunk_grad: str = "full"
     # steps per dispatch: up to this many steps run in one compiled call (fewer where a log,
-    # evaluation or checkpoint falls, and at most ~4M tokens of batches per call); 1 = one
-    # dispatch per step. The losses are the same either way.
+    # evaluation or checkpoint falls, and at most ~4M tokens and ~1e12 FLOPs per call, so a
+    # large model runs one step per call); 1 = one dispatch per step. The losses are the same
+    # either way.
     steps_per_call: int = 64
 
 

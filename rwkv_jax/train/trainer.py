@@ -49,8 +49,11 @@ from rwkv_jax.train.methods import Full, State
 from rwkv_jax.train.state import TrainState
 from rwkv_jax.train.step import Batch, StepSpec, compile_train_step, compile_train_steps
 
-# the most tokens of batches one call of the compiled steps is given (train.steps_per_call)
+# one call of the compiled steps (train.steps_per_call) is given at most this many tokens of
+# batches, and about this much work (6 x parameters x tokens: a call of a large model's steps
+# is then one step, so Ctrl-C and the logs are never held up by many slow steps)
 CALL_TOKENS = 1 << 22
+CALL_FLOPS = 1e12
 
 
 class TrainingDiverged(RuntimeError):
@@ -250,10 +253,11 @@ class Trainer:
     @property
     def steps_per_call(self) -> int:
         """``train.steps_per_call``, capped so that one call's batches hold at most
-        :data:`CALL_TOKENS` tokens."""
+        :data:`CALL_TOKENS` tokens and its steps about :data:`CALL_FLOPS` of work."""
         t = self.cfg.train
         per_step = t.batch_size * t.grad_accum * self.cfg.data.ctx_len
-        return max(1, min(t.steps_per_call, CALL_TOKENS // per_step))
+        flops = 6.0 * max(self.n_total, 1) * per_step
+        return max(1, min(t.steps_per_call, CALL_TOKENS // per_step, int(CALL_FLOPS // flops)))
 
     def model(self, state: TrainState | None = None) -> RWKV:
         """The model of ``state`` (default: the current one), its arrays as the state holds
