@@ -28,7 +28,7 @@ from rwkv_jax.io.finite import nonfinite_summary
 from rwkv_jax.io.pth import CheckpointError, read_pth, verify_pth, write_pth
 from rwkv_jax.io.safetensors import read_safetensors
 from rwkv_jax.model.functional import dotted_name
-from rwkv_jax.model.lm import RWKV
+from rwkv_jax.model.lm import RWKV, abstract_model
 from rwkv_jax.rundir import RunDir, path_kind
 
 __all__ = ["CheckpointError", "load", "load_tokenizer", "save", "source_path", "verify", "read_tensors", "infer_config",
@@ -240,7 +240,7 @@ def model_from_tensors(tensors: Mapping[str, Any], **overrides: Any) -> RWKV:
     CheckpointError.
     """
     tensors, cfg = _official(tensors, overrides)
-    abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
+    abstract = abstract_model(cfg)
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     expected = {dotted_name(p): v for p, v in nnx.to_flat_state(params)}
     if problems := _mismatches(tensors, expected):
@@ -349,7 +349,7 @@ def verify(path: PathLike, **overrides: Any) -> list[str]:
         problems.append(f"{file}: {problem}")
     try:
         tensors, cfg = _official(tensors, overrides)
-        abstract = nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
+        abstract = abstract_model(cfg)
         expected = {dotted_name(p): v for p, v in nnx.to_flat_state(nnx.state(abstract, nnx.Param))}
         if mismatches := _mismatches(tensors, expected):
             problems.append(f"{file}: {_mismatch_error(cfg, mismatches)}")

@@ -31,14 +31,14 @@ import flax.linen as nn
 from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
-from rwkv_jax.model.lm import RWKV
+from rwkv_jax.model.lm import RWKV, abstract_model
 
 __all__ = ["RWKVLinen", "linen_variables", "nnx_params"]
 
 
 def _build(cfg: RWKVConfig, *, abstract: bool, rngs: nnx.Rngs) -> RWKV:
     if abstract:  # apply: every value is replaced from the Linen variables
-        return nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
+        return abstract_model(cfg)
     return RWKV(cfg, rngs=rngs)
 
 

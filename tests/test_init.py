@@ -147,3 +147,28 @@ def test_eval_shape_build_does_no_random_work(monkeypatch):
     for prim in ("random_bits", "qr", "householder", "cholesky", "triangular_solve",
                  "dot_general"):
         assert prim not in jaxpr, prim
+
+
+@pytest.mark.parametrize("version", ["4", "5.2", "6", "7"])
+def test_abstract_model_takes_no_key_and_matches_eval_shape(version, monkeypatch):
+    """``abstract_model`` (what the loader builds) has the structure, names, shapes and
+    dtypes of the plain ``nnx.eval_shape`` build, and never asks an ``Rngs`` for a key (each
+    traced key cost the loader milliseconds)."""
+    from rwkv_jax.model.lm import abstract_model
+    cfg = rwkv_jax.RWKVConfig.tiny(version, n_layer=2)
+    plain = nnx.eval_shape(lambda: rwkv_jax.RWKV(cfg, rngs=nnx.Rngs(0)))
+
+    def refuse(self, *a, **k):
+        raise AssertionError("a key was drawn during the abstract build")
+
+    monkeypatch.setattr(nnx.RngStream, "__call__", refuse)
+    fast = abstract_model(cfg)
+    flat = lambda m: {k: (v.shape, v.dtype) for k, v in  # noqa: E731
+                      nnx.to_flat_state(nnx.state(m))}
+    assert flat(fast) == flat(plain)
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(fast)))
+    monkeypatch.undo()
+    # outside the block a build draws keys as before
+    assert not layers._SHAPES_ONLY.get()
+    a = _state(rwkv_jax.RWKV(cfg, rngs=nnx.Rngs(0)))
+    assert np.any(a["head/weight"] != 0)

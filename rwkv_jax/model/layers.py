@@ -34,17 +34,41 @@ from rwkv_jax.model.functional import Module
 F32 = jnp.float32
 
 
+# True inside :func:`shapes_only`: a model is being built for its structure alone
+_SHAPES_ONLY: contextvars.ContextVar = contextvars.ContextVar("rwkv_jax_shapes_only",
+                                                              default=False)
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Within this block (meant around ``nnx.eval_shape``), :func:`host_rng` returns None
+    without touching ``rngs``: the initialisers return zeros, and no key is split.
+
+    Why: under ``nnx.eval_shape`` each ``rngs.params()`` is traced, and NNX's write of the
+    stream's counter asks the tracer for its ``sharding``, whose error message JAX builds by
+    walking the whole jaxpr so far, so a model's ~120 keys took ~0.4 s (quadratic in the
+    layer count) of every checkpoint load."""
+    token = _SHAPES_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY.reset(token)
+
+
 def host_rng(rngs: nnx.Rngs) -> np.random.Generator | None:
     """A host generator seeded from the next ``params`` key of ``rngs`` (None when tracing).
 
     The key is taken (the stream advances) whether or not the caller then draws anything,
     so a gain-0 matrix never shifts the weights that follow. Under ``nnx.eval_shape`` the key
-    is a tracer: None tells the initialisers to return zeros and do no random work at all.
+    is a tracer: None tells the initialisers to return zeros and do no random work at all;
+    inside :func:`shapes_only` no key is taken at all.
 
     Why the host: float32 normals from numpy's SFC64 cost ~10 ns each on this CPU against
     ~30 ns for XLA:CPU's threefry, and a 0.1B model draws ~150M numbers. The arithmetic on
     them (:func:`orthogonal`'s factorisation) runs jitted in XLA.
     """
+    if _SHAPES_ONLY.get():
+        return None
     data = jax.random.key_data(rngs.params())
     if isinstance(data, jax.core.Tracer):
         return None

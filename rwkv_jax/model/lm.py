@@ -43,7 +43,8 @@ from flax import nnx
 
 from rwkv_jax.config import RWKVConfig
 from rwkv_jax.model import functional
-from rwkv_jax.model.layers import F32, Module, LayerNorm, Linear, host_rng, orthogonal, uniform
+from rwkv_jax.model.layers import (F32, LayerNorm, Linear, Module, host_rng, orthogonal,
+                                   shapes_only, uniform)
 
 
 class LayerState(NamedTuple):
@@ -205,6 +206,15 @@ class RWKV(Module):
         if functional.under_trace(*leaves):
             return self.forward(tokens, state, logits_to_keep=keep, resets=resets)
         return _eager_call(self, moduledef, values, tokens, state, keep, resets)
+
+
+def abstract_model(cfg: RWKVConfig) -> RWKV:
+    """``cfg``'s model with ``jax.ShapeDtypeStruct`` values in place of arrays: its structure,
+    names, shapes and dtypes, built with no initialisation work (``nnx.eval_shape`` inside
+    :func:`~rwkv_jax.model.layers.shapes_only`). Fill it with ``Variable.set_value`` and
+    ``nnx.merge``, as :func:`rwkv_jax.checkpoint.model_from_tensors` does."""
+    with shapes_only():
+        return nnx.eval_shape(lambda: RWKV(cfg, rngs=nnx.Rngs(0)))
 
 
 def _check_resets(resets, shape: tuple[int, ...]) -> None:
