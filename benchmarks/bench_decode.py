@@ -56,6 +56,25 @@ JAX_VARIANTS = {
 TARGET_B, TARGET_X = 16, 8.0  # B=16 fp32 >= 8x the official single-stream rate
 
 
+def step_matrices(L: int, C: int, V: int) -> list[tuple[int, int]]:
+    """``(out, in)`` of every matrix one RWKV-4 decode step multiplies by, in order: per layer
+    att key/value/receptance/output and ffn receptance [C, C], ffn key [4C, C], ffn value
+    [C, 4C]; then the head [V, C] (13·L·C² + V·C weights, the step's roofline bytes)."""
+    per_layer = [(C, C)] * 4 + [(4 * C, C), (C, 4 * C), (C, C)]
+    return per_layer * L + [(V, C)]
+
+
+def time_chain(run, repeats: int = 3) -> float:
+    """Best wall seconds of ``run()`` over ``repeats`` calls after one warm-up."""
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def prompts_for(n: int, args) -> list[list[int]]:
     return [_common.token_ids(args.prompt, args.vocab, args.seed + 100 + i) for i in range(n)]
 
@@ -97,6 +116,23 @@ class JaxRunner(_common.JaxCeilings):
             out.append(tok)  # generate_tokens hands back host arrays: each step is complete
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         return {"s": wall, "cpu": cpu, "tokens": np.stack(out, axis=1).tolist()}
+
+    def step_matmuls(self, batch):
+        """Best seconds of the step's matmuls alone at M = ``batch`` (:func:`step_matrices`,
+        distinct fp32 weights, so they stream from DRAM as in a step), in XLA and in the
+        ``x @ W.T`` form of ``rwkv_jax.model.layers.Linear``, one jitted program. The
+        ceiling of a decode step through these kernels."""
+        import jax
+        import jax.numpy as jnp
+        L, C, V = self.args.shape_tuple
+        if not hasattr(self, "_chain"):
+            rng = np.random.default_rng(1)
+            self._chain_w = [jnp.asarray(rng.standard_normal(s, np.float32) * 0.02)
+                             for s in step_matrices(L, C, V)]
+            self._chain = jax.jit(lambda xs, ws: sum(
+                jnp.einsum("ri,oi->ro", xs[w.shape[1]], w)[:, 0] for w in ws))
+        xs = {n: jnp.ones((batch, n), jnp.float32) for n in (C, 4 * C)}
+        return {"s": time_chain(lambda: self._chain(xs, self._chain_w).block_until_ready())}
 
     def check(self, variant, streams):
         """Batched greedy streams against single-stream runs and across batch sizes."""
@@ -194,6 +230,27 @@ class OfficialRunner(_common.TorchCeilings):
             logits, state = self.model.forward([tok], state)
         return {"s": time.perf_counter() - t0, "cpu": time.process_time() - c0,
                 "tokens": [out]}
+
+
+def _torch_step_matmuls(self, batch):
+    """:meth:`JaxRunner.step_matmuls` in torch (the official package's library), best of two
+    layouts: ``x @ W.t()`` on [out, in] weights and ``x @ W`` on [in, out] ones."""
+    torch = self.torch
+    L, C, V = self.args.shape_tuple
+    if not hasattr(self, "_chain_w"):
+        g = torch.Generator().manual_seed(1)
+        self._chain_w = [torch.randn(*s, generator=g) * 0.02 for s in step_matrices(L, C, V)]
+    xs = {n: torch.ones(batch, n) for n in (C, 4 * C)}
+    ws = self._chain_w
+    with torch.no_grad():
+        out_in = time_chain(lambda: [xs[w.shape[1]] @ w.t() for w in ws])
+        ws_t = [w.t().contiguous() for w in ws]
+        in_out = time_chain(lambda: [xs[w.shape[0]] @ w for w in ws_t])
+        del ws_t
+    return {"s": min(out_in, in_out), "out_in_s": out_in, "in_out_s": in_out}
+
+
+OfficialRunner.step_matmuls = _torch_step_matmuls
 
 
 RUNNERS = {"jax": JaxRunner, "hf": HFRunner, "official": OfficialRunner}
@@ -312,6 +369,13 @@ def main(argv=None):
             ceil[case] = [tuple(workers["jax"].request(op="ceiling", args={"case": case},
                                                        timed=True).values())
                           for _ in range(max(args.repeats, 3))]
+    matmuls = {}  # (library, B) -> best seconds of the step's matmuls alone
+    if not args.no_ceilings:
+        for b in args.batches:
+            for lib in ("jax", "official"):
+                if lib in workers:
+                    matmuls[(lib, b)] = workers[lib].request(
+                        op="step_matmuls", args={"batch": b})["result"]["s"]
     for w in workers.values():
         w.close()
 
@@ -361,6 +425,26 @@ def main(argv=None):
               f"{rates['gemm']:.1f} GFLOP/s, weight streaming (head gemv) {rates['gemv']:.1f} "
               f"GB/s; a step reads {4 * weights / 1e6:.0f} MB of fp32 weights and does "
               f"{2 * weights / 1e9:.2f} GFLOP per stream")
+    if matmuls:
+        print("\nThe step's matmuls alone at M = B (13·L·C² + V·C distinct fp32 weights from "
+              "DRAM, best of 3; torch: the better of x @ W.t() and x @ W), and the tokens/s "
+              "a step could reach if nothing else ran:\n")
+        mrows = []
+        for b in args.batches:
+            row = [b]
+            for lib in ("jax", "official"):
+                t = matmuls.get((lib, b))
+                row += [f"{t * 1e3:.1f}" if t else "-",
+                        f"{b / t:.0f} ({_common.ratio(b / t, official)})" if t else "-"]
+            g = tps("jax:fp32:greedy", b) if "fp32" in args.variants else None
+            best = min(t for (lib, bb), t in matmuls.items() if bb == b)
+            row += [f"{g * best / b:.0%}" if g else "-"]
+            mrows.append(row)
+            results.setdefault("step_matmuls_s", {})[b] = {
+                lib: matmuls.get((lib, b)) for lib in ("jax", "official")}
+        print(_common.markdown_table(
+            ["B", "XLA matmuls ms", "XLA bound tok/s (vs official)", "torch matmuls ms",
+             "torch bound tok/s (vs official)", "best matmuls / fp32 greedy step"], mrows))
     print("\nChecks:")
     for v, c in checks.items():
         bad = {b: ok for b, ok in c["single_vs_batched"].items() if not all(ok)}

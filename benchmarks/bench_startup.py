@@ -9,7 +9,10 @@
    * ``rwkv-jax warm``: the same command again on the cache the cold run filled;
    * ``official``: the official package's equivalent script in its own interpreter
      (import torch and rwkv, load the .pth with strategy "cpu fp32", the prompt's bytes,
-     32 greedy tokens).
+     32 greedy tokens);
+   * ``floor`` (``--floor``): ``_startup_floor.py run``, the same two programs the warm CLI
+     runs, serialized ahead of time and loaded with no model, tracing or lowering: what a
+     warm run with two programs cannot go below (its text must equal the CLI's).
 
    The persistent cache: ``JAX_COMPILATION_CACHE_DIR`` (a fresh directory per round) and
    ``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0`` in the CLI's environment
@@ -117,6 +120,8 @@ def main(argv=None):
     p.add_argument("--build-repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="0 = unpinned, library defaults")
     p.add_argument("--no-cache-env", action="store_true")
+    p.add_argument("--floor", action="store_true",
+                   help="also time _startup_floor.py (no tracing, executables preloaded)")
     p.add_argument("--timeout", type=float, default=900.0, help="per process, seconds")
     p.add_argument("--official-python", default=_common.OFFICIAL_PYTHON)
     p.add_argument("--jax-python", default=sys.executable)
@@ -138,6 +143,15 @@ def main(argv=None):
     def add(key, value, table=times):
         table.setdefault(key, []).append(value)
 
+    floor_dir = tempfile.mkdtemp(prefix="rwkv_jax_floor_")
+    floor_py = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_startup_floor.py")
+    if args.floor:  # the serialized programs, made once (not timed)
+        for path in paths:
+            run([args.jax_python, floor_py, "prepare", path, PROMPT, str(MAX_TOKENS),
+                 os.path.join(floor_dir, os.path.basename(path) + ".pkl")], jax_env,
+                args.timeout)
+    texts: dict[str, set] = {}
+
     t_start = time.perf_counter()
     for r in range(args.rounds):
         add("import", run(pin + [args.jax_python, "-c", "import jax, flax"], jax_env,
@@ -158,6 +172,7 @@ def main(argv=None):
                 for kind in ("cold", "warm"):
                     wall, proc = run(cmd, env, args.timeout)
                     add(f"{stem}:{kind}", wall)
+                    texts.setdefault(stem, set()).add(proc.stdout)
                     m = FIRST_TOKEN.search(proc.stderr)
                     if m:
                         add(f"{stem}:{kind}", float(m.group(1)), first)
@@ -165,12 +180,19 @@ def main(argv=None):
                 failures[stem] = str(e).splitlines()[-1][-120:]
             finally:
                 shutil.rmtree(cache, ignore_errors=True)
+            if args.floor and stem not in failures:
+                wall, proc = run(pin + [args.jax_python, floor_py, "run",
+                                        os.path.join(floor_dir, os.path.basename(path) + ".pkl"),
+                                        path], jax_env, args.timeout)
+                add(f"{stem}:floor", wall)
+                texts.setdefault(stem + ":floor", set()).add(proc.stdout)
             wall, _ = run(pin + [args.official_python, "-c", OFFICIAL_SCRIPT, path, PROMPT,
                                  str(MAX_TOKENS), str(args.threads)], torch_env, args.timeout)
             add(f"{stem}:official", wall)
         print(f"round {r + 1}/{args.rounds} done at {time.perf_counter() - t_start:.0f} s",
               file=sys.stderr)
 
+    shutil.rmtree(floor_dir, ignore_errors=True)
     builds: dict[str, list[dict]] = {}
     presets = [x for x in args.presets.split(",") if x]
     for _ in range(args.build_repeats):
@@ -193,17 +215,24 @@ def main(argv=None):
     for path in paths:
         stem = os.path.basename(path)[:-4]
         if stem in failures:
-            rows.append([stem, "failed", "-", "-", "-", "-", f"{med[stem + ':official']:.2f}",
+            rows.append([stem, "failed", "-", "-", "-", "-", *(["-", "-"] if args.floor else []),
+                         f"{med[stem + ':official']:.2f}",
                          "-", failures[stem]])
             continue
         c, w, o = med[f"{stem}:cold"], med[f"{stem}:warm"], med[f"{stem}:official"]
         fc, fw = med_first.get(f"{stem}:cold"), med_first.get(f"{stem}:warm")
+        fl = med.get(f"{stem}:floor")
+        note = ""
+        if fl is not None and texts.get(stem + ":floor") != texts.get(stem):
+            note = "floor text differs from the CLI's"
         rows.append([stem, f"{c:.2f}", f"{w:.2f}", f"{fc:.2f}" if fc else "-",
-                     f"{fw:.2f}" if fw else "-", f"{w / imp:.2f}x", f"{o:.2f}",
-                     f"{w / o:.2f}x", ""])
+                     f"{fw:.2f}" if fw else "-", f"{w / imp:.2f}x",
+                     *([f"{fl:.2f}", f"{fl / imp:.2f}x"] if args.floor else []), f"{o:.2f}",
+                     f"{w / o:.2f}x", note])
     print(_common.markdown_table(
         ["fixture", "rwkv-jax cold s", "warm s", "first token cold s", "first token warm s",
-         "warm / import", "official script s", "warm / official", "note"], rows))
+         "warm / import", *(["floor s", "floor / import"] if args.floor else []),
+         "official script s", "warm / official", "note"], rows))
     print("\nwarm / import target: <= 1.6x (generate with a filled compilation cache against "
           "importing jax and flax alone)")
     build_rows, build_out = [], {}
