@@ -231,26 +231,22 @@ class OfficialRunner(_common.TorchCeilings):
         return {"s": time.perf_counter() - t0, "cpu": time.process_time() - c0,
                 "tokens": [out]}
 
-
-def _torch_step_matmuls(self, batch):
-    """:meth:`JaxRunner.step_matmuls` in torch (the official package's library), best of two
-    layouts: ``x @ W.t()`` on [out, in] weights and ``x @ W`` on [in, out] ones."""
-    torch = self.torch
-    L, C, V = self.args.shape_tuple
-    if not hasattr(self, "_chain_w"):
-        g = torch.Generator().manual_seed(1)
-        self._chain_w = [torch.randn(*s, generator=g) * 0.02 for s in step_matrices(L, C, V)]
-    xs = {n: torch.ones(batch, n) for n in (C, 4 * C)}
-    ws = self._chain_w
-    with torch.no_grad():
-        out_in = time_chain(lambda: [xs[w.shape[1]] @ w.t() for w in ws])
-        ws_t = [w.t().contiguous() for w in ws]
-        in_out = time_chain(lambda: [xs[w.shape[0]] @ w for w in ws_t])
-        del ws_t
-    return {"s": min(out_in, in_out), "out_in_s": out_in, "in_out_s": in_out}
-
-
-OfficialRunner.step_matmuls = _torch_step_matmuls
+    def step_matmuls(self, batch):
+        """:meth:`JaxRunner.step_matmuls` in torch (the official package's library), best of two
+        layouts: ``x @ W.t()`` on [out, in] weights and ``x @ W`` on [in, out] ones."""
+        torch = self.torch
+        L, C, V = self.args.shape_tuple
+        if not hasattr(self, "_chain_w"):
+            g = torch.Generator().manual_seed(1)
+            self._chain_w = [torch.randn(*s, generator=g) * 0.02 for s in step_matrices(L, C, V)]
+        xs = {n: torch.ones(batch, n) for n in (C, 4 * C)}
+        ws = self._chain_w
+        with torch.no_grad():
+            out_in = time_chain(lambda: [xs[w.shape[1]] @ w.t() for w in ws])
+            ws_t = [w.t().contiguous() for w in ws]
+            in_out = time_chain(lambda: [xs[w.shape[0]] @ w for w in ws_t])
+            del ws_t
+        return {"s": min(out_in, in_out), "out_in_s": out_in, "in_out_s": in_out}
 
 
 RUNNERS = {"jax": JaxRunner, "hf": HFRunner, "official": OfficialRunner}
