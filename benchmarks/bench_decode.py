@@ -64,17 +64,6 @@ def step_matrices(L: int, C: int, V: int) -> list[tuple[int, int]]:
     return per_layer * L + [(V, C)]
 
 
-def time_chain(run, repeats: int = 3) -> float:
-    """Best wall seconds of ``run()`` over ``repeats`` calls after one warm-up."""
-    run()
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def prompts_for(n: int, args) -> list[list[int]]:
     return [_common.token_ids(args.prompt, args.vocab, args.seed + 100 + i) for i in range(n)]
 
@@ -132,7 +121,8 @@ class JaxRunner(_common.JaxCeilings):
             self._chain = jax.jit(lambda xs, ws: sum(
                 jnp.einsum("ri,oi->ro", xs[w.shape[1]], w)[:, 0] for w in ws))
         xs = {n: jnp.ones((batch, n), jnp.float32) for n in (C, 4 * C)}
-        return {"s": time_chain(lambda: self._chain(xs, self._chain_w).block_until_ready())}
+        return {"s": _common.bench(lambda: self._chain(xs, self._chain_w).block_until_ready(),
+                                   repeats=3)["min_s"]}
 
     def check(self, variant, streams):
         """Batched greedy streams against single-stream runs and across batch sizes."""
@@ -242,9 +232,11 @@ class OfficialRunner(_common.TorchCeilings):
         xs = {n: torch.ones(batch, n) for n in (C, 4 * C)}
         ws = self._chain_w
         with torch.no_grad():
-            out_in = time_chain(lambda: [xs[w.shape[1]] @ w.t() for w in ws])
+            out_in = _common.bench(lambda: [xs[w.shape[1]] @ w.t() for w in ws],
+                                   repeats=3)["min_s"]
             ws_t = [w.t().contiguous() for w in ws]
-            in_out = time_chain(lambda: [xs[w.shape[0]] @ w for w in ws_t])
+            in_out = _common.bench(lambda: [xs[w.shape[0]] @ w for w in ws_t],
+                                   repeats=3)["min_s"]
             del ws_t
         return {"s": min(out_in, in_out), "out_in_s": out_in, "in_out_s": in_out}
 
